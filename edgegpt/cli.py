@@ -1,0 +1,118 @@
+"""The `edgegpt` command: a thin click layer over the library functions.
+
+Heavy imports (torch, onnx) happen inside each command so `edgegpt --help` stays fast. Every
+EdgeGPTError (and ValueError from argument validation) becomes one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from edgegpt import __version__
+from edgegpt.errors import EdgeGPTError
+
+
+def friendly_errors(fn):
+    """Turn expected errors into a one-line message and a non-zero exit: no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (EdgeGPTError, ValueError, FileNotFoundError) as e:
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; no partial output was left behind", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgegpt")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def main(verbose: bool) -> None:
+    """edgegpt: train or load a GPT-2 family model, export it to ONNX with a KV cache,
+    quantize it and run it offline with onnxruntime."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def sampling_options(fn):
+    """The sampling flags shared by every command that generates."""
+    opts = [
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="1.0 = off."),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1.0 = off."),
+        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.option("--data", "data", multiple=True, required=True, metavar="PATH",
+              help="Plain-text file(s), or builtin:pydoc (CPython's bundled documentation). Repeatable.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint dir to write (HF GPT-2 layout).")
+@click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), default="tiny", show_default=True)
+@click.option("--n-layer", type=click.IntRange(min=1))
+@click.option("--n-head", type=click.IntRange(min=1))
+@click.option("--n-embd", type=click.IntRange(min=1))
+@click.option("--n-positions", type=click.IntRange(min=2))
+@click.option("--vocab-size", type=click.IntRange(min=258))
+@click.option("--block-size", type=click.IntRange(min=2), help="Training sequence length [min(n_positions, 128)].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--min-lr", type=float, default=3e-4, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=30, show_default=True)
+@click.option("--weight-decay", type=float, default=0.1, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 = off.")
+@click.option("--eval-interval", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--checkpoint-interval", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Save every N steps (0 = at the end only).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--init", type=click.Path(exists=True, file_okay=False), help="Fine-tune this HF GPT-2 checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out.")
+@friendly_errors
+def train(data, out, resume, overwrite, init, **kw):
+    """Train a GPT (and its byte-level BPE tokenizer) on text."""
+    from edgegpt.model.train import TrainConfig, train as run_train
+
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite contradict each other; pick one")
+    if kw["warmup_steps"] > kw["max_steps"]:
+        raise click.UsageError("--warmup-steps must not exceed --max-steps")
+    res = run_train(TrainConfig(data=list(data), out=out, resume=resume, overwrite=overwrite, init=init, **kw))
+    click.echo(f"trained {res.n_params / 1e6:.2f}M params for {res.steps} steps in {res.seconds:.1f}s "
+               f"({res.tokens_per_s:,.0f} tok/s): train loss {res.train_loss:.3f}, val loss {res.val_loss:.3f}")
+    click.echo(f"saved {res.out}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", required=True)
+@sampling_options
+@friendly_errors
+def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
+    """Generate text from a checkpoint dir (PyTorch)."""
+    from edgegpt.model.checkpoint import load_checkpoint
+    from edgegpt.model.generate import generate_ids
+    from edgegpt.runtime.sampling import SamplingParams
+
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+    m, tok = load_checkpoint(model)
+    ids = tok.encode(prompt).ids
+    new = generate_ids(m, ids, max_new_tokens, params, eos_token_id=m.config.eos_token_id)
+    click.echo(prompt + tok.decode(new))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Checkpoint directories in the Hugging Face GPT-2 layout, read and written without transformers.
+
+Layout: ``config.json`` (GPT2Config fields), ``model.safetensors`` (or ``pytorch_model.bin``),
+``tokenizer.json`` (or ``vocab.json`` + ``merges.txt``), optional ``generation_config.json``.
+
+HF GPT-2 stores c_attn / c_proj / c_fc as ``Conv1D`` whose weight is (in, out): the transpose of
+``nn.Linear``'s (out, in). ``CONV1D_SUFFIXES`` is the one list of those parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from edgegpt.atomic import atomic_dir, check_output_dir
+from edgegpt.errors import CheckpointError
+from edgegpt.model.gpt import GPT, GPTConfig
+from edgegpt.model.tokenizer import load_tokenizer, save_tokenizer
+
+log = logging.getLogger(__name__)
+
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Buffers that old HF checkpoints carry and our module rebuilds from positions instead.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+def read_config(model_dir: Path) -> GPTConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json; is it a Hugging Face GPT-2 checkpoint dir?")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the checkpoint") from None
+    arch = raw.get("architectures") or []
+    model_type = raw.get("model_type")
+    if model_type != "gpt2" or (arch and not set(arch) & set(SUPPORTED_ARCHITECTURES)):
+        found = arch[0] if arch else model_type
+        raise CheckpointError(
+            f"{model_dir} holds a {found!r} model; edgegpt supports GPT-2 family checkpoints "
+            f"(model_type 'gpt2', {' / '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if raw.get("scale_attn_by_inverse_layer_idx") or raw.get("reorder_and_upcast_attn"):
+        raise CheckpointError(f"{path}: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+    if raw.get("tie_word_embeddings", True) is False:
+        raise CheckpointError(f"{path}: untied LM heads are not supported (tie_word_embeddings=false)")
+    try:
+        return GPTConfig.from_dict(raw)
+    except TypeError as e:
+        raise CheckpointError(f"{path} has an invalid field: {e}") from None
+
+
+def config_to_hf(cfg: GPTConfig) -> dict:
+    """The config.json transformers' GPT2Config reads (and Optimum / genai look for)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.n_positions,
+        "n_ctx": cfg.n_positions,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": cfg.n_inner,
+        "activation_function": cfg.activation_function,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_FILES:
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(str(path))
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupt file: safetensors / pickle errors vary by version
+            raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}); re-download or re-save it") from None
+    raise CheckpointError(f"{model_dir} has no weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def hf_to_edgegpt(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF GPT-2 names/layout -> our module's. Accepts GPT2LMHeadModel and bare GPT2Model keys."""
+    out = {}
+    for key, t in state.items():
+        if key.endswith(IGNORED_SUFFIXES) or key == "lm_head.weight":
+            continue  # the LM head is tied to wte; the causal mask comes from positions
+        name = key if key.startswith("transformer.") else f"transformer.{key}"
+        out[name] = t.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else t
+    return out
+
+
+def edgegpt_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied: HF stores only transformer.wte.weight
+        t = t.detach().cpu()
+        out[name] = t.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else t.contiguous()
+    return out
+
+
+def load_model(model_dir: str | Path) -> GPT:
+    """Load a GPT-2 family checkpoint dir into edgegpt's GPT (eval mode, fp32, CPU)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"checkpoint dir {model_dir} does not exist")
+    cfg = read_config(model_dir)
+    state = hf_to_edgegpt(_read_state_dict(model_dir))
+    model = GPT(cfg)
+    expected = {k for k in model.state_dict() if k != "lm_head.weight"}
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
+        raise CheckpointError(f"{model_dir}: weights do not match config.json ({detail})")
+    for k, t in state.items():
+        want = model.state_dict()[k].shape
+        if tuple(t.shape) != tuple(want):
+            raise CheckpointError(f"{model_dir}: {k} has shape {tuple(t.shape)}, config.json implies {tuple(want)}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    model.lm_head.weight = model.transformer.wte.weight  # keep the tie after loading
+    return model.eval()
+
+
+def generation_config(cfg: GPTConfig, extra: Optional[dict] = None) -> dict:
+    gc = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "max_length": cfg.n_positions}
+    gc.update(extra or {})
+    return gc
+
+
+def write_checkpoint_files(model: GPT, tokenizer, dest: Path, extra_files: Optional[dict[str, bytes]] = None) -> None:
+    """Write the HF layout into an existing (temporary) directory."""
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    save_file(edgegpt_to_hf(model), str(dest / "model.safetensors"), metadata={"format": "pt"})
+    (dest / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    (dest / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2) + "\n")
+    save_tokenizer(tokenizer, dest, model_max_length=model.config.n_positions)
+    for name, data in (extra_files or {}).items():
+        (dest / name).write_bytes(data)
+
+
+def save_checkpoint(model: GPT, tokenizer, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Save atomically in the HF GPT-2 layout (transformers' GPT2LMHeadModel loads it unchanged)."""
+    out = Path(out)
+    check_output_dir(out, overwrite=overwrite, what="checkpoint")
+    with atomic_dir(out) as tmp:
+        write_checkpoint_files(model, tokenizer, tmp)
+    return out
+
+
+def load_checkpoint(model_dir: str | Path):
+    """Model and tokenizer of a checkpoint dir."""
+    return load_model(model_dir), load_tokenizer(model_dir)
+
+
+def checkpoint_hash(model_dir: str | Path) -> str:
+    """sha256 of the weights file: identifies the source of a bundle."""
+    model_dir = Path(model_dir)
+    for name in WEIGHT_FILES:
+        if (model_dir / name).is_file():
+            h = hashlib.sha256()
+            with open(model_dir / name, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            return h.hexdigest()
+    raise CheckpointError(f"{model_dir} has no weights ({' or '.join(WEIGHT_FILES)})")

@@ -1,0 +1,51 @@
+"""Training text: plain files or the built-in corpus ``builtin:pydoc``.
+
+``builtin:pydoc`` is CPython's own reference documentation (``pydoc_data.topics``), present in
+every installation; it is read at run time and never copied into this repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from edgegpt.errors import DataError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_pydoc() -> str:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distro Pythons split pydoc_data out
+        raise DataError("builtin:pydoc needs the pydoc_data module, which this Python lacks; pass text files") from None
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+BUILTINS = {"pydoc": builtin_pydoc}
+
+
+def read_text(source: str | Path) -> str:
+    s = str(source)
+    if s.startswith(BUILTIN_PREFIX):
+        name = s[len(BUILTIN_PREFIX):]
+        if name not in BUILTINS:
+            raise DataError(f"unknown built-in corpus {s!r}; available: {', '.join(BUILTIN_PREFIX + k for k in BUILTINS)}")
+        return BUILTINS[name]()
+    path = Path(s)
+    if not path.is_file():
+        raise DataError(f"text file {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_corpus(sources: Sequence[str | Path]) -> list[str]:
+    """One string per source; an empty corpus is an error."""
+    if not sources:
+        raise DataError("no training text given; pass --data PATH (or --data builtin:pydoc)")
+    texts = [read_text(s) for s in sources]
+    if not any(t.strip() for t in texts):
+        raise DataError(f"the corpus ({', '.join(map(str, sources))}) is empty")
+    return texts

@@ -1,0 +1,96 @@
+"""Checkpoint I/O in the HF GPT-2 layout: round trips, transformers interop, and every bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from edgegpt.errors import CheckpointError, OutputExistsError
+from edgegpt.model import load_checkpoint, load_model, save_checkpoint
+from edgegpt.model.tokenizer import load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_saved_checkpoint_loads_in_transformers_unchanged(hf_checkpoint, tmp_path):
+    model, tok = load_checkpoint(hf_checkpoint("distil-like"))
+    out = save_checkpoint(model, tok, tmp_path / "ck")
+    assert not list(tmp_path.glob(".ck.tmp-*"))  # the temp dir was renamed into place
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)[0]).abs().max().item() < 1e-5
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok("def f(x): return x")["input_ids"] == tok.encode("def f(x): return x").ids
+
+
+def test_pytorch_model_bin_and_vocab_merges_are_read(hf_checkpoint, tmp_path):
+    src = hf_checkpoint("small-vocab")
+    dst = tmp_path / "legacy"
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst)
+    shutil.copy(src / "vocab.json", dst)
+    shutil.copy(src / "merges.txt", dst)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(src)
+    torch.save(hf.state_dict(), dst / "pytorch_model.bin")  # includes lm_head.weight and no prefix issue
+    model = load_model(dst)
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    tok = load_tokenizer(dst)
+    assert tok.encode("lambda x: x").ids == load_tokenizer(src).encode("lambda x: x").ids
+
+
+def test_bare_gpt2model_keys_load(hf_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = hf_checkpoint("small-vocab")
+    dst = shutil.copytree(src, tmp_path / "bare")
+    state = load_file(str(src / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in state.items()}, str(dst / "model.safetensors"))
+    ids = torch.arange(6).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(load_model(dst)(ids)[0], load_model(src)(ids)[0])
+
+
+def _broken(src, tmp_path, edit):
+    dst = shutil.copytree(src, tmp_path / "broken")
+    edit(dst)
+    return dst
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: (d / "config.json").unlink(), "no config.json"),
+    (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})),
+     "LlamaForCausalLM"),
+    (lambda d: (d / "model.safetensors").unlink(), "has no weights"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"garbage" * 10), "cannot be read"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "n_layer": 5})),
+     "do not match"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "n_embd": 34})),
+     "divisible|shape"),
+    (lambda d: (d / "config.json").write_text(
+        json.dumps({**json.loads((d / "config.json").read_text()), "activation_function": "swish"})), "not supported"),
+])
+def test_malformed_checkpoints_raise_one_clear_error(hf_checkpoint, tmp_path, edit, message):
+    bad = _broken(hf_checkpoint("small-vocab"), tmp_path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(bad)
+
+
+def test_missing_dir_and_missing_tokenizer(tmp_path, hf_checkpoint):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    bad = _broken(hf_checkpoint("small-vocab"), tmp_path, lambda d: [(d / f).unlink() for f in
+                                                                    ("tokenizer.json", "vocab.json", "merges.txt")])
+    with pytest.raises(CheckpointError, match="no tokenizer"):
+        load_tokenizer(bad)
+
+
+def test_save_refuses_existing_dir_without_overwrite(hf_checkpoint, tmp_path):
+    model, tok = load_checkpoint(hf_checkpoint("small-vocab"))
+    (tmp_path / "ck").mkdir()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        save_checkpoint(model, tok, tmp_path / "ck")
+    save_checkpoint(model, tok, tmp_path / "ck", overwrite=True)
+    assert (tmp_path / "ck" / "model.safetensors").is_file()
