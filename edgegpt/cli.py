@@ -114,5 +114,57 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
     click.echo(prompt + tok.decode(new))
 
 
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle dir to write.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 is the first with LayerNormalization).")
+@click.option("--last-logits-only", is_flag=True,
+              help="Logits for the last position only (faster prefill; no perplexity or Optimum use). Recorded in the manifest.")
+@click.option("--external-data", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Weights in model.onnx.data beside the graph (auto: above 1.5 GB).")
+@click.option("--decode-steps", type=click.IntRange(min=1), default=32, show_default=True, help="Cached steps verified.")
+@click.option("--atol", type=float, default=None, help="Max |logit diff| allowed [1e-4 for fp32].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle dir.")
+@click.option("--keep-failed", is_flag=True, help="Keep a bundle that fails verification (still exits non-zero).")
+@friendly_errors
+def export(model, out, opset, last_logits_only, external_data, decode_steps, atol, overwrite, keep_failed):
+    """Export a checkpoint to a verified ONNX bundle with KV-cache inputs."""
+    from edgegpt.export.bundle import export_bundle
+    from edgegpt.export.inspect import describe
+    from edgegpt.export.onnx_export import ExportOptions
+
+    export_bundle(model, out, ExportOptions(opset, last_logits_only, external_data), overwrite=overwrite,
+                  keep_failed=keep_failed, decode_steps=decode_steps, atol=atol)
+    click.echo(describe(out))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--against", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint dir.")
+@click.option("--decode-steps", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--atol", type=float, default=None, help="Max |logit diff| allowed [1e-4 for fp32].")
+@friendly_errors
+def verify(bundle, against, decode_steps, atol):
+    """Re-run a bundle's parity check against a PyTorch checkpoint."""
+    from edgegpt.export.bundle import _failure, reverify
+
+    v = reverify(bundle, against, decode_steps=decode_steps, atol=atol)
+    click.echo(f"max |logit diff| {v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']}), greedy agreement "
+               f"{v['greedy_agreement']:.1%} over {v['prompt_tokens']}-token prompt + {v['decode_steps']} decode steps")
+    if not v["passed"]:
+        raise click.ClickException(_failure(v))
+    click.echo("PASSED")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@friendly_errors
+def inspect(bundle):
+    """Describe a bundle: dims, precision, IO, size, verification."""
+    from edgegpt.export.inspect import describe
+
+    click.echo(describe(bundle))
+
+
 if __name__ == "__main__":
     main()

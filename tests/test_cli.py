@@ -11,7 +11,7 @@ from edgegpt.cli import main
 def test_help_lists_the_commands():
     res = CliRunner().invoke(main, ["--help"])
     assert res.exit_code == 0
-    for cmd in ("train", "generate"):
+    for cmd in ("train", "generate", "export", "verify", "inspect"):
         assert cmd in res.output
 
 

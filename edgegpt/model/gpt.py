@@ -184,11 +184,13 @@ class GPT(nn.Module):
         past: Optional[list[KV]] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
+        last_logits_only: bool = False,
     ) -> tuple[torch.Tensor, list[KV]]:
         """input_ids (B, T); past: per layer (key, value) each (B, nh, past_len, hs) or None.
 
         attention_mask (B, past_len + T) of 0/1 (defaults to all ones); position_ids (B, T)
-        default to cumsum(attention_mask) - 1. Returns logits (B, T, vocab) and present.
+        default to cumsum(attention_mask) - 1. Returns logits (B, T, vocab), or (B, 1, vocab)
+        with ``last_logits_only`` (all generation needs), and present.
         """
         B, T = input_ids.shape
         past_len = 0 if past is None else past[0][0].shape[2]
@@ -206,5 +208,10 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x, kv = block(x, mask, None if past is None else past[i])
             present.append(kv)
+        if last_logits_only:
+            x = x[:, -1:, :]  # (B, 1, C): the LM head is the largest matmul; skip it for the prompt
         x = self.transformer.ln_f(x)
-        return self.lm_head(x), present
+        # The tied head as a 2-D linear: torch.onnx writes it as Gemm(transB=1) on the same wte
+        # initializer the Gather reads, instead of a constant-folded transposed copy (+vocab*n_embd*4 bytes).
+        logits = F.linear(x.reshape(-1, x.shape[-1]), self.transformer.wte.weight)
+        return logits.view(B, x.shape[1], -1), present

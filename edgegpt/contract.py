@@ -1,0 +1,67 @@
+"""The ONNX input/output contract, declared once.
+
+The exporter, the manifest, the runtime and the tests read names, dtypes and axes from here;
+no IO name string is typed anywhere else. Names follow Optimum / transformers.js, so other
+runtimes (ORTModelForCausalLM, onnxruntime-genai's generic decoder) consume our bundles as-is.
+
+    input_ids                      int64  [batch, seq]
+    attention_mask                 int64  [batch, past + seq]
+    position_ids                   int64  [batch, seq]
+    past_key_values.{i}.key/value  kv     [batch, n_head, past, head_dim]   (past may be 0)
+ -> logits                         float  [batch, seq | 1, vocab]           (1 with last_logits_only)
+    present.{i}.key/value          kv     [batch, n_head, past + seq, head_dim]
+"""
+
+from __future__ import annotations
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+PAST_KEY = "past_key_values.{}.key"
+PAST_VALUE = "past_key_values.{}.value"
+PRESENT_KEY = "present.{}.key"
+PRESENT_VALUE = "present.{}.value"
+
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
+
+
+def past_names(n_layer: int) -> list[str]:
+    """[past.0.key, past.0.value, past.1.key, ...]: the order of the graph's KV inputs."""
+    return [name.format(i) for i in range(n_layer) for name in (PAST_KEY, PAST_VALUE)]
+
+
+def present_names(n_layer: int) -> list[str]:
+    return [name.format(i) for i in range(n_layer) for name in (PRESENT_KEY, PRESENT_VALUE)]
+
+
+def input_names(n_layer: int) -> list[str]:
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names(n_layer)]
+
+
+def output_names(n_layer: int) -> list[str]:
+    return [LOGITS, *present_names(n_layer)]
+
+
+def io_spec(n_layer: int, n_head: int, head_dim: int, vocab_size: int, *, kv_dtype: str = "float32",
+            logits_dtype: str = "float32", last_logits_only: bool = False) -> dict:
+    """Names, dtypes and symbolic shapes of every input and output, as the manifest records them."""
+    kv_in = [BATCH, n_head, PAST, head_dim]
+    kv_out = [BATCH, n_head, TOTAL, head_dim]
+    inputs = [
+        {"name": INPUT_IDS, "dtype": "int64", "shape": [BATCH, SEQ]},
+        {"name": ATTENTION_MASK, "dtype": "int64", "shape": [BATCH, TOTAL]},
+        {"name": POSITION_IDS, "dtype": "int64", "shape": [BATCH, SEQ]},
+    ] + [{"name": n, "dtype": kv_dtype, "shape": kv_in} for n in past_names(n_layer)]
+    outputs = [{"name": LOGITS, "dtype": logits_dtype, "shape": [BATCH, 1 if last_logits_only else SEQ, vocab_size]}]
+    outputs += [{"name": n, "dtype": kv_dtype, "shape": kv_out} for n in present_names(n_layer)]
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def dynamic_axes(n_layer: int, *, last_logits_only: bool = False) -> dict[str, dict[int, str]]:
+    """torch.onnx's dynamic_axes for the contract."""
+    axes = {INPUT_IDS: {0: BATCH, 1: SEQ}, ATTENTION_MASK: {0: BATCH, 1: TOTAL}, POSITION_IDS: {0: BATCH, 1: SEQ},
+            LOGITS: {0: BATCH} if last_logits_only else {0: BATCH, 1: SEQ}}
+    axes.update({n: {0: BATCH, 2: PAST} for n in past_names(n_layer)})
+    axes.update({n: {0: BATCH, 2: TOTAL} for n in present_names(n_layer)})
+    return axes

@@ -1,0 +1,129 @@
+"""`edgegpt export`: a checkpoint dir -> a verified bundle dir (see DESIGN.md).
+
+Everything is written into a temporary sibling of the output and renamed into place only when
+complete and verified; a bundle that fails its tolerance is discarded unless keep_failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from edgegpt import __version__, contract
+from edgegpt.atomic import atomic_dir, check_output_dir
+from edgegpt.errors import ExportError
+from edgegpt.export.onnx_export import ExportOptions, export_graph
+from edgegpt.export.verify import verify_bundle
+from edgegpt.manifest import TOKENIZER_FILE, bundle_size, file_table, read_manifest, write_manifest
+from edgegpt.model.checkpoint import checkpoint_hash, config_to_hf, generation_config, load_checkpoint
+from edgegpt.model.gpt import GPTConfig
+
+log = logging.getLogger(__name__)
+
+
+class VerificationFailed(ExportError):
+    """The written bundle does not hold its tolerance (kept on disk only with keep_failed)."""
+
+
+def architecture(cfg: GPTConfig) -> dict:
+    return {"model_type": "gpt2", "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+            "head_dim": cfg.head_dim, "n_inner": cfg.inner_dim, "n_positions": cfg.n_positions,
+            "vocab_size": cfg.vocab_size, "activation_function": cfg.activation_function,
+            "layer_norm_epsilon": cfg.layer_norm_epsilon}
+
+
+def genai_config(cfg: GPTConfig, kv_dtype: str = "float32") -> dict:
+    """onnxruntime-genai's generic `decoder` model type, with our IO names (its legacy `gpt2` type
+    expects the old combined past_%d layout)."""
+    return {
+        "model": {
+            "type": "decoder",
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.eos_token_id,
+            "context_length": cfg.n_positions, "vocab_size": cfg.vocab_size,
+            "decoder": {
+                "filename": "model.onnx", "session_options": {"log_id": "edgegpt", "provider_options": []},
+                "head_size": cfg.head_dim, "hidden_size": cfg.n_embd, "num_attention_heads": cfg.n_head,
+                "num_key_value_heads": cfg.n_head, "num_hidden_layers": cfg.n_layer,
+                "inputs": {"input_ids": contract.INPUT_IDS, "attention_mask": contract.ATTENTION_MASK,
+                           "position_ids": contract.POSITION_IDS,
+                           "past_key_names": contract.PAST_KEY.format("%d"),
+                           "past_value_names": contract.PAST_VALUE.format("%d")},
+                "outputs": {"logits": contract.LOGITS, "present_key_names": contract.PRESENT_KEY.format("%d"),
+                            "present_value_names": contract.PRESENT_VALUE.format("%d")},
+            },
+        },
+        "search": {"do_sample": False, "max_length": cfg.n_positions, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "top_k": 1, "top_p": 1.0,
+                   "temperature": 1.0, "repetition_penalty": 1.0, "early_stopping": True, "length_penalty": 1.0,
+                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }
+
+
+def write_side_files(dest: Path, cfg: GPTConfig, tok, kv_dtype: str = "float32") -> None:
+    tok.save(str(dest / TOKENIZER_FILE))
+    (dest / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    (dest / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+    (dest / "genai_config.json").write_text(json.dumps(genai_config(cfg, kv_dtype), indent=2) + "\n")
+
+
+def export_bundle(model_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), *,
+                  overwrite: bool = False, keep_failed: bool = False, decode_steps: int = 32,
+                  atol: Optional[float] = None) -> dict:
+    """Export, verify and write the manifest. Returns the manifest; raises VerificationFailed."""
+    model_dir, out = Path(model_dir), Path(out)
+    check_output_dir(out, overwrite=overwrite, what="bundle", inputs=(model_dir,))
+    if options.external_data not in ("auto", "always", "never"):
+        raise ExportError(f"external_data must be auto, always or never, got {options.external_data!r}")
+    model, tok = load_checkpoint(model_dir)
+    cfg = model.config
+    failed = None
+    with atomic_dir(out) as tmp:
+        t0 = time.perf_counter()
+        graph = export_graph(model, tmp, options)
+        export_s = time.perf_counter() - t0
+        write_side_files(tmp, cfg, tok)
+        manifest = {
+            "created_by": f"edgegpt {__version__}",
+            "architecture": architecture(cfg),
+            "max_context": cfg.n_positions,
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.eos_token_id,
+            "precision": "fp32",
+            "recipe": {"name": "fp32"},
+            "graph": graph,
+            "io": contract.io_spec(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size,
+                                   last_logits_only=options.last_logits_only),
+            "source": {"checkpoint": str(model_dir.resolve()), "sha256": checkpoint_hash(model_dir)},
+            "export_seconds": round(export_s, 2),
+        }
+        write_manifest(tmp, manifest)
+        manifest["verification"] = verify_bundle(tmp, model, tok, decode_steps=decode_steps, atol=atol)
+        manifest["files"] = file_table(tmp)
+        manifest["size_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
+        write_manifest(tmp, manifest)
+        if not manifest["verification"]["passed"]:
+            failed = _failure(manifest["verification"])
+            if not keep_failed:
+                raise VerificationFailed(f"{failed}; the bundle was not written (pass --keep-failed to keep it)")
+    if failed:
+        raise VerificationFailed(f"{failed}; kept at {out} because of --keep-failed")
+    return read_manifest(out)
+
+
+def _failure(v: dict) -> str:
+    return (f"parity check failed: max |logit diff| {v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']}), "
+            f"greedy agreement {v['greedy_agreement']:.0%}")
+
+
+def reverify(bundle: str | Path, model_dir: str | Path, *, decode_steps: int = 32, atol: Optional[float] = None,
+             update: bool = False) -> dict:
+    """`edgegpt verify`: re-run the parity check of a bundle against a checkpoint."""
+    model, tok = load_checkpoint(model_dir)
+    manifest = read_manifest(bundle)
+    arch = architecture(model.config)
+    if any(manifest["architecture"].get(k) != arch[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")):
+        raise ExportError(f"{bundle} was exported from a different architecture than {model_dir}")
+    return verify_bundle(bundle, model, tok, decode_steps=decode_steps, atol=atol)

@@ -1,0 +1,88 @@
+"""ONNX graph passes shared by export and quantize: tie the LM head, drop unused opset imports,
+infer shapes, save with or without external data, count ops.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgegpt.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2 * 1024**3
+# Above this many bytes of weights, write them to model.onnx.data beside the graph: leaves headroom
+# under protobuf's 2 GiB hard limit for the graph itself and for later passes that add initializers.
+EXTERNAL_DATA_THRESHOLD = int(1.5 * 1024**3)
+EXTERNAL_DATA_FILE = "model.onnx.data"
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        total += n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    c = collections.Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+                            for n in model.graph.node)
+    return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def tie_lm_head(model: onnx.ModelProto, wte_name: str) -> bool:
+    """Rewrite MatMul(x, wte^T constant) as Gemm(x, wte, transB=1) and drop the transposed copy.
+
+    torch.onnx constant-folds the tied head's transpose into a second (n_embd, vocab) initializer;
+    for GPT-2 small that is 154 MB of duplicated weights. x is 2-D by construction (gpt.py).
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    if wte_name not in inits:
+        return False
+    wte = numpy_helper.to_array(inits[wte_name])
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        b = inits[node.input[1]]
+        if tuple(b.dims) != wte.shape[::-1] or not np.array_equal(numpy_helper.to_array(b), wte.T):
+            continue
+        gemm = helper.make_node("Gemm", [node.input[0], wte_name], list(node.output), name=node.name or "lm_head",
+                                transB=1)
+        model.graph.node.remove(node)
+        model.graph.node.insert(i, gemm)
+        if not any(b.name in n.input for n in model.graph.node):
+            model.graph.initializer.remove(b)
+        return True
+    return False
+
+
+def drop_unused_opsets(model: onnx.ModelProto) -> None:
+    used = {n.domain or "" for n in model.graph.node} | {""}
+    keep = [o for o in model.opset_import if (o.domain or "") in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def save_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
+    """Save; with ``external`` the weights go to model.onnx.data next to the graph."""
+    path = Path(path)
+    if not external and model.ByteSize() >= PROTOBUF_LIMIT:
+        raise ExportError(f"the graph is {model.ByteSize() / 1e9:.2f} GB, over protobuf's 2 GB limit; "
+                          f"use --external-data auto (or always)")
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def infer_shapes(path: Path) -> None:
+    """onnx shape inference, in place, path-based so models over 2 GB work too."""
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))

@@ -1,0 +1,132 @@
+"""torch -> ONNX with KV-cache inputs: one graph for prefill (past length 0) and cached decode.
+
+Exporter: torch.onnx's TorchScript exporter (``dynamo=False``) at opset 17. Our GPT is plain
+tensors in and out with no data-dependent control flow, which is exactly what tracing handles;
+it needs no onnxscript dependency, exports GPT-2 small in seconds, and its op patterns (MatMul +
+Add, LayerNormalization, the tanh GELU) are the ones onnxruntime's fusions and quantizers know.
+Opset 17 is the first with LayerNormalization as a standard op, and every execution provider we
+target (CPU, CUDA, CoreML, NNAPI, XNNPACK, QNN) supports it.
+
+After tracing, onnxruntime's basic-level optimizer (constant folding, dead and redundant node
+elimination: standard ops only) cleans the graph, the tied LM head is rewritten to share the
+embedding, unused opset imports are dropped and shapes are inferred.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgegpt import contract
+from edgegpt.errors import ExportError
+from edgegpt.model.gpt import GPT
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 17  # LayerNormalization
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    last_logits_only: bool = False
+    external_data: str = "auto"  # auto | always | never
+
+
+class _ContractWrapper(torch.nn.Module):
+    """Flat tensors in the contract's order in, flat tensors out: what torch.onnx traces."""
+
+    def __init__(self, model: GPT, last_logits_only: bool):
+        super().__init__()
+        self.model, self.last_logits_only = model, last_logits_only
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        logits, present = self.model(input_ids, past, attention_mask, position_ids, self.last_logits_only)
+        return (logits, *[t for kv in present for t in kv])
+
+
+def check_opset(opset: int) -> None:
+    import onnx
+
+    # torch's TorchScript exporter writes opsets up to 20.
+    highest = min(onnx.defs.onnx_opset_version(), 20)
+    if not MIN_OPSET <= opset <= highest:
+        raise ExportError(f"opset {opset} cannot be written here: choose {MIN_OPSET}..{highest} "
+                          f"(onnx {onnx.__version__}, torch {torch.__version__})")
+
+
+def _example_inputs(model: GPT) -> tuple[torch.Tensor, ...]:
+    # batch 2, seq 3, past 2: no axis of size 1, so tracing cannot specialise a dynamic axis to 1.
+    cfg, B, T, P = model.config, 2, 3, 2
+    kv = [torch.zeros(B, cfg.n_head, P, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+    return (torch.ones(B, T, dtype=torch.long), torch.ones(B, P + T, dtype=torch.long),
+            torch.arange(P, P + T).repeat(B, 1), *kv)
+
+
+def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
+    """Write dest/model.onnx (+ model.onnx.data when large). Returns the graph section of the manifest."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgegpt.export import graph as g
+    from edgegpt.manifest import MODEL_FILE
+
+    check_opset(options.opset)
+    n_layer = model.config.n_layer
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = options.external_data == "always" or (
+        options.external_data == "auto" and param_bytes > g.EXTERNAL_DATA_THRESHOLD)
+    if options.external_data == "never" and param_bytes >= g.PROTOBUF_LIMIT:
+        raise ExportError(f"the model has {param_bytes / 1e9:.2f} GB of weights, over protobuf's 2 GB limit; "
+                          f"use --external-data auto (or always)")
+    with tempfile.TemporaryDirectory(prefix="edgegpt-export-", dir=dest) as work:
+        raw = Path(work) / "raw.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings about shape arithmetic we meant
+            torch.onnx.export(
+                _ContractWrapper(model.eval(), options.last_logits_only), _example_inputs(model), str(raw),
+                dynamo=False, opset_version=options.opset, do_constant_folding=True,
+                input_names=contract.input_names(n_layer), output_names=contract.output_names(n_layer),
+                dynamic_axes=contract.dynamic_axes(n_layer, last_logits_only=options.last_logits_only),
+            )
+        raw_model = onnx.load(str(raw), load_external_data=False)
+        nodes_traced = len(raw_model.graph.node)
+        del raw_model
+        basic = Path(work) / "basic.onnx"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(basic)
+        if external:
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "basic.data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types per failure
+            raise ExportError(f"onnxruntime could not load the traced graph: {e}".splitlines()[0]) from None
+        m = onnx.load(str(basic))
+        wte_name = next((t.name for t in m.graph.initializer if t.name.endswith("transformer.wte.weight")), None)
+        tied = bool(wte_name) and g.tie_lm_head(m, wte_name)
+        g.drop_unused_opsets(m)
+        out = dest / MODEL_FILE
+        g.save_model(m, out, external=external)
+        counts = g.op_counts(m)
+        del m
+    g.infer_shapes(out)
+    return {
+        "file": MODEL_FILE,
+        "external_data": g.EXTERNAL_DATA_FILE if external else None,
+        "exporter": f"torch.onnx TorchScript (torch {torch.__version__})",
+        "opset": options.opset,
+        "options": {"last_logits_only": options.last_logits_only, "fused_attention": None,
+                    "shared_kv_buffer": False},
+        "lm_head_tied": tied,
+        "nodes_traced": nodes_traced,
+        "op_counts": counts,
+    }

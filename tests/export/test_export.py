@@ -1,0 +1,182 @@
+"""`edgegpt export`: verified bundles, the IO contract, padding, interop, and refusals."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgegpt import contract
+from edgegpt.cli import main
+from edgegpt.errors import BundleError, CheckpointError, ExportError, OutputExistsError
+from edgegpt.export.bundle import VerificationFailed, export_bundle, reverify
+from edgegpt.export.onnx_export import ExportOptions
+from edgegpt.manifest import MANIFEST, read_manifest, sha256_file
+from edgegpt.model import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def bundle(hf_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "bundle"
+    export_bundle(hf_checkpoint("gpt2-like"), out)
+    return out
+
+
+def _session(bundle):
+    return ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def _feed(cfg, ids, mask, pos, past=None):
+    n = cfg.n_layer
+    if past is None:
+        past = [np.zeros((ids.shape[0], cfg.n_head, 0, cfg.head_dim), np.float32)] * (2 * n)
+    return {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask, contract.POSITION_IDS: pos,
+            **dict(zip(contract.past_names(n), past))}
+
+
+@pytest.mark.parametrize("shape", ["distil-like", "odd-heads", "small-vocab"])
+def test_export_verifies_and_describes_itself(hf_checkpoint, tmp_path, shape):
+    m = export_bundle(hf_checkpoint(shape), tmp_path / "b")
+    v = m["verification"]
+    assert v["passed"] and v["greedy_identical"] and v["max_abs_logit_diff"] < 1e-4 and v["decode_steps"] >= 16
+    assert set(json.loads((tmp_path / "b" / "genai_config.json").read_text())["model"]) >= {"decoder", "type"}
+    for name in ("model.onnx", "tokenizer.json", "config.json", "generation_config.json", "genai_config.json"):
+        assert m["files"][name]["sha256"] == sha256_file(tmp_path / "b" / name)
+    assert [i["name"] for i in m["io"]["inputs"]] == contract.input_names(m["architecture"]["n_layer"])
+    assert not list(tmp_path.glob(".b.tmp-*"))
+
+
+def test_graph_is_clean_and_stores_the_tied_embedding_once(bundle):
+    g = onnx.load(str(bundle / "model.onnx"))
+    onnx.checker.check_model(g)
+    V, C = 1000, 96
+    big = [t for t in g.graph.initializer if V in t.dims]
+    assert len(big) == 1 and list(big[0].dims) == [V, C]  # the LM head Gemm reads wte itself
+    assert any(n.op_type == "Gemm" and n.attribute[0].i == 1 for n in g.graph.node)
+    produced = {o for n in g.graph.node for o in n.output}
+    consumed = {i for n in g.graph.node for i in n.input} | {o.name for o in g.graph.output}
+    assert produced <= consumed  # no dead nodes
+    assert all(vi.type.tensor_type.elem_type for vi in g.graph.value_info)  # shapes were inferred
+    assert {o.domain for o in g.opset_import} == {""}
+    assert read_manifest(bundle)["graph"]["op_counts"]["Gemm"] == 1
+
+
+def test_left_padded_batch_gives_the_same_logits_for_real_tokens(bundle, hf_checkpoint):
+    model, _ = load_checkpoint(hf_checkpoint("gpt2-like"))
+    cfg, sess = model.config, _session(bundle)
+    rng = np.random.default_rng(0)
+    short, long = rng.integers(0, cfg.vocab_size, (1, 5)), rng.integers(0, cfg.vocab_size, (1, 9))
+    ids = np.concatenate([np.concatenate([np.zeros((1, 4), np.int64), short], 1), long]).astype(np.int64)
+    mask = np.array([[0] * 4 + [1] * 5, [1] * 9], np.int64)
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    out = sess.run(None, _feed(cfg, ids, mask, pos))
+    alone = sess.run(None, _feed(cfg, short.astype(np.int64), np.ones((1, 5), np.int64), np.arange(5)[None]))
+    assert np.abs(out[0][0, 4:] - alone[0][0]).max() < 1e-4
+    # and one cached step on top of the padded batch
+    step_mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    step = sess.run(None, _feed(cfg, np.array([[7], [7]]), step_mask, np.array([[5], [9]]), out[1:]))
+    step_alone = sess.run(None, _feed(cfg, np.array([[7]]), np.ones((1, 6), np.int64), np.array([[5]]), alone[1:]))
+    assert np.abs(step[0][0] - step_alone[0][0]).max() < 1e-4
+    with torch.no_grad():
+        ref, _ = model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    assert np.abs(ref.numpy()[:, -1] - out[0][:, -1]).max() < 1e-4
+
+
+def test_last_logits_only_is_recorded_and_honoured(hf_checkpoint, tmp_path):
+    m = export_bundle(hf_checkpoint("distil-like"), tmp_path / "b", ExportOptions(last_logits_only=True))
+    assert m["graph"]["options"]["last_logits_only"] and m["io"]["outputs"][0]["shape"][1] == 1
+    model, _ = load_checkpoint(hf_checkpoint("distil-like"))
+    ids = np.arange(1, 8, dtype=np.int64)[None]
+    out = _session(tmp_path / "b").run(None, _feed(model.config, ids, np.ones_like(ids), np.arange(7)[None]))
+    assert out[0].shape == (1, 1, model.config.vocab_size)
+    assert m["verification"]["passed"]
+
+
+def test_external_data_keeps_weights_beside_the_graph(hf_checkpoint, tmp_path):
+    m = export_bundle(hf_checkpoint("small-vocab"), tmp_path / "b", ExportOptions(external_data="always"))
+    assert m["graph"]["external_data"] == "model.onnx.data" and (tmp_path / "b" / "model.onnx.data").is_file()
+    assert (tmp_path / "b" / "model.onnx").stat().st_size < 100_000 and m["verification"]["passed"]
+
+
+def test_too_big_for_protobuf_without_external_data_is_refused(hf_checkpoint, tmp_path, monkeypatch):
+    from edgegpt.export import graph
+
+    monkeypatch.setattr(graph, "PROTOBUF_LIMIT", 1000)
+    with pytest.raises(ExportError, match="over protobuf's 2 GB limit; use --external-data auto"):
+        export_bundle(hf_checkpoint("small-vocab"), tmp_path / "b", ExportOptions(external_data="never"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_failed_verification_leaves_nothing_unless_kept(hf_checkpoint, tmp_path):
+    src = hf_checkpoint("small-vocab")
+    with pytest.raises(VerificationFailed, match="not written"):
+        export_bundle(src, tmp_path / "b", atol=0.0)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(VerificationFailed, match="kept at"):
+        export_bundle(src, tmp_path / "b", atol=0.0, keep_failed=True)
+    assert read_manifest(tmp_path / "b")["verification"]["passed"] is False
+
+
+def test_refusals(hf_checkpoint, tmp_path, bundle):
+    src = hf_checkpoint("small-vocab")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        export_bundle(src, bundle)
+    with pytest.raises(OutputExistsError, match="is the input"):
+        export_bundle(src, src, overwrite=True)
+    with pytest.raises(ExportError, match="opset 9 cannot be written"):
+        export_bundle(src, tmp_path / "b", ExportOptions(opset=9))
+    llama = shutil.copytree(src, tmp_path / "llama")
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="LlamaForCausalLM"):
+        export_bundle(llama, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_verify_and_inspect_commands(bundle, hf_checkpoint, tmp_path):
+    res = CliRunner().invoke(main, ["verify", str(bundle), "--against", str(hf_checkpoint("gpt2-like"))])
+    assert res.exit_code == 0 and "PASSED" in res.output
+    res = CliRunner().invoke(main, ["inspect", str(bundle)])
+    assert res.exit_code == 0 and "parity      PASSED" in res.output and "4 layers" in res.output
+    other = CliRunner().invoke(main, ["verify", str(bundle), "--against", str(hf_checkpoint("small-vocab"))])
+    assert other.exit_code == 1 and "different architecture" in other.output
+    corrupt = shutil.copytree(bundle, tmp_path / "corrupt")
+    (corrupt / "model.onnx").write_bytes(b"\x00not onnx")
+    with pytest.raises(BundleError, match="cannot load model.onnx"):
+        reverify(corrupt, hf_checkpoint("gpt2-like"))
+    (corrupt / MANIFEST).write_text("{}")
+    res = CliRunner().invoke(main, ["inspect", str(corrupt)])
+    assert res.exit_code == 1 and "not an edgegpt manifest" in res.output
+
+
+def test_optimum_loads_the_bundle_and_generates_our_greedy_tokens(bundle, hf_checkpoint):
+    optimum_ort = pytest.importorskip("optimum.onnxruntime")
+    from edgegpt.model.generate import generate_ids
+
+    model, tok = load_checkpoint(hf_checkpoint("gpt2-like"))
+    ids = tok.encode("The import statement").ids
+    m = optimum_ort.ORTModelForCausalLM.from_pretrained(bundle)
+    out = m.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                     max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert out[0, len(ids):].tolist() == generate_ids(model, ids, 24)
+
+
+def test_onnxruntime_genai_runs_the_bundle(bundle, hf_checkpoint):
+    og = pytest.importorskip("onnxruntime_genai")
+    from edgegpt.model.generate import generate_ids
+
+    model, tok = load_checkpoint(hf_checkpoint("gpt2-like"))
+    ids = tok.encode("The import statement").ids
+    og_model = og.Model(str(bundle))
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=len(ids) + 24, do_sample=False)
+    gen = og.Generator(og_model, params)
+    gen.append_tokens(ids)
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    assert got == generate_ids(model, ids, 24)
