@@ -100,18 +100,52 @@ def train(data, out, resume, overwrite, init, **kw):
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.option("--prompt", required=True)
 @sampling_options
+@click.option("--stop", multiple=True, help="Stop string (repeatable); the output is cut before it.")
+@click.option("--stream", is_flag=True, help="Print text as it is produced (bundles only).")
+@click.option("--provider", default="cpu", show_default=True,
+              help="Execution provider for bundles: cpu, cuda, coreml, nnapi, xnnpack, qnn, dml.")
+@click.option("--fallback", is_flag=True, help="Use cpu (with a warning) when --provider is not available.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (bundles).")
+@click.option("--truncate-prompt", is_flag=True, help="Keep the prompt's last tokens when it is too long.")
 @friendly_errors
-def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
-    """Generate text from a checkpoint dir (PyTorch)."""
+def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stream,
+             provider, fallback, threads, truncate_prompt):
+    """Generate text from a bundle (onnxruntime) or a checkpoint dir (PyTorch)."""
+    from pathlib import Path
+
+    from edgegpt.manifest import MANIFEST
+
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+              truncate_prompt=truncate_prompt)
+    if (Path(model) / MANIFEST).is_file():
+        from edgegpt.runtime import Generator
+
+        gen = Generator.load(model, provider=provider, threads=threads, fallback=fallback)
+        if stream:
+            click.echo(prompt, nl=False)
+            for piece in gen.stream(prompt, max_new_tokens, stop=stop, **kw):
+                click.echo(piece, nl=False)
+            click.echo()
+        else:
+            click.echo(prompt + gen.generate(prompt, max_new_tokens, stop=stop, **kw))
+        return
     from edgegpt.model.checkpoint import load_checkpoint
     from edgegpt.model.generate import generate_ids
     from edgegpt.runtime.sampling import SamplingParams
+    from edgegpt.runtime.text import StopStrings
 
+    if provider != "cpu" or stream or threads:
+        raise click.UsageError("--provider, --stream and --threads apply to bundles; export the checkpoint first")
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
     m, tok = load_checkpoint(model)
     ids = tok.encode(prompt).ids
+    if truncate_prompt:
+        ids = ids[-(m.config.n_positions - max_new_tokens):]
     new = generate_ids(m, ids, max_new_tokens, params, eos_token_id=m.config.eos_token_id)
-    click.echo(prompt + tok.decode(new))
+    if new and new[-1] == m.config.eos_token_id:
+        new = new[:-1]
+    s = StopStrings(stop)
+    click.echo(prompt + s.feed(tok.decode(new)) + s.flush())
 
 
 @main.command()

@@ -1,0 +1,182 @@
+"""The generation loop an offline app embeds: numpy + onnxruntime + tokenizers only.
+
+    gen = Generator.load("bundle/", provider="cpu", threads=4)
+    gen.generate("Once upon a time", max_new_tokens=64, temperature=0.8, top_p=0.95, seed=1)
+    for piece in gen.stream("Hello", max_new_tokens=32): print(piece, end="")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from edgegpt.runtime.sampling import SamplingParams, select_next
+from edgegpt.runtime.session import ModelSession
+from edgegpt.runtime.text import IncrementalDecoder, StopStrings, load_bundle_tokenizer
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    params: SamplingParams = SamplingParams()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    truncate_prompt: bool = False
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths -> (ids, attention_mask), both (B, T) int64, left-padded."""
+    T = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), T), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, T - len(p):] = p
+            mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+class Generator:
+    def __init__(self, session: ModelSession, tokenizer):
+        self.session, self.tokenizer = session, tokenizer
+        self.max_context = session.max_context
+        eos = session.eos_token_id
+        self.eos_token_id = eos
+        self.pad_token_id = session.pad_token_id if session.pad_token_id is not None else (eos or 0)
+
+    @classmethod
+    def load(cls, bundle: str | Path, provider: str = "cpu", threads: Optional[int] = None, *,
+             fallback: bool = False, provider_options: Optional[dict] = None, spinning: bool = True,
+             optimization: str = "all", session_config: Optional[dict] = None) -> "Generator":
+        session = ModelSession(bundle, provider=provider, threads=threads, fallback=fallback,
+                               provider_options=provider_options, spinning=spinning, optimization=optimization,
+                               session_config=session_config)
+        return cls(session, load_bundle_tokenizer(bundle))
+
+    # -- token-level core -------------------------------------------------------------------
+
+    def _check_prompts(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[int]]:
+        if not prompts:
+            raise ValueError("no prompts given")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("a prompt tokenizes to no tokens; give at least one token of text")
+        if cfg.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+        if cfg.max_new_tokens >= self.max_context:
+            raise ValueError(f"max_new_tokens ({cfg.max_new_tokens}) must be below the model's context of "
+                             f"{self.max_context} tokens")
+        room = self.max_context - cfg.max_new_tokens
+        longest = max(len(p) for p in prompts)
+        if longest > room:
+            if not cfg.truncate_prompt:
+                raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
+                                 f"model's context of {self.max_context} tokens; shorten the prompt, lower "
+                                 f"max_new_tokens, or pass truncate_prompt=True to keep the last {room} prompt tokens")
+            prompts = [p[-room:] for p in prompts]
+        vocab = self.session.vocab_size
+        for p in prompts:
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"token ids must be in [0, {vocab}); got {min(p)}..{max(p)}")
+        return prompts
+
+    def iter_ids(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> Iterator[np.ndarray]:
+        """Yield the next token of every row, (B,) int64, once per step; rows that finished
+        (eos / stop token) yield pad_token_id. Stops when every row has finished."""
+        prompts = self._check_prompts([list(map(int, p)) for p in prompts], cfg)
+        params = cfg.params
+        stop_ids = set(cfg.stop_token_ids)
+        if self.eos_token_id is not None and not cfg.ignore_eos:
+            stop_ids.add(self.eos_token_id)
+        stop_arr = np.array(sorted(stop_ids), dtype=np.int64)
+        B = len(prompts)
+        ids, mask = left_pad(prompts, self.pad_token_id)
+        rng = np.random.default_rng(params.seed)
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = np.zeros((B, self.session.vocab_size), dtype=bool)
+            for i, p in enumerate(prompts):
+                seen[i, p] = True
+        # position ids that skip left padding; decode steps continue from each row's last one
+        pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+        next_pos = pos[:, -1:] + 1
+        total = ids.shape[1] + cfg.max_new_tokens
+        full_mask = np.ones((B, total), dtype=np.int64)
+        full_mask[:, : ids.shape[1]] = mask
+        done = np.zeros(B, dtype=bool)
+        past = self.session.empty_past(B)
+        step_ids, step_pos, length = ids, pos, ids.shape[1]
+        for _ in range(cfg.max_new_tokens):
+            logits, past = self.session.step(step_ids, np.ascontiguousarray(full_mask[:, :length]), step_pos, past)
+            nxt = select_next(logits, params, rng, seen)
+            nxt[done] = self.pad_token_id
+            if seen is not None:
+                seen[np.arange(B), nxt] = True
+            if stop_arr.size:
+                done |= np.isin(nxt, stop_arr)
+            yield nxt
+            if done.all():
+                return
+            step_ids, step_pos = nxt[:, None], next_pos
+            next_pos = next_pos + 1
+            length += 1
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, **kw) -> list[list[int]]:
+        """New ids per prompt; a row ends at (and includes) its first stop/eos token."""
+        cfg = self._config(max_new_tokens, **kw)
+        rows: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        stops = set(cfg.stop_token_ids) | ({self.eos_token_id} if self.eos_token_id is not None
+                                           and not cfg.ignore_eos else set())
+        for nxt in self.iter_ids(prompts, cfg):
+            for i, t in enumerate(nxt.tolist()):
+                if not finished[i]:
+                    rows[i].append(t)
+                    finished[i] = t in stops
+        return rows
+
+    # -- text API ---------------------------------------------------------------------------
+
+    def _config(self, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                repetition_penalty: float = 1.0, seed: Optional[int] = None,
+                stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+                truncate_prompt: bool = False) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty, seed),
+                                tuple(stop_token_ids), ignore_eos, truncate_prompt)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, *, stop: Sequence[str] = (), **kw) -> Iterator[str]:
+        """Yield text as it is produced: whole UTF-8 characters only, cut before any stop string."""
+        cfg = self._config(max_new_tokens, **kw)
+        decoder, stops = IncrementalDecoder(self.tokenizer), StopStrings(stop)
+        special = {self.eos_token_id} if self.eos_token_id is not None else set()
+        for nxt in self.iter_ids([self.encode(prompt)], cfg):
+            t = int(nxt[0])
+            if t in special and not cfg.ignore_eos:
+                break
+            piece = stops.feed(decoder.push(t))
+            if piece:
+                yield piece
+            if stops.stopped:
+                return
+        tail = stops.feed(decoder.flush()) + stops.flush()
+        if tail:
+            yield tail
+
+    def generate(self, prompt: Union[str, Sequence[str]], max_new_tokens: int = 64, *, stop: Sequence[str] = (),
+                 **kw) -> Union[str, list[str]]:
+        """Generated text (without the prompt) for one prompt, or a list for a batch."""
+        if isinstance(prompt, str):
+            return "".join(self.stream(prompt, max_new_tokens, stop=stop, **kw))
+        rows = self.generate_ids([self.encode(p) for p in prompt], max_new_tokens, **kw)
+        out = []
+        for row in rows:
+            if row and row[-1] == self.eos_token_id and not kw.get("ignore_eos"):
+                row = row[:-1]
+            s = StopStrings(stop)
+            out.append(s.feed(self.tokenizer.decode(row, skip_special_tokens=False)) + s.flush())
+        return out

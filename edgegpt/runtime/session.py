@@ -1,0 +1,133 @@
+"""An onnxruntime session over a bundle, driven by its manifest, with the KV cache kept in
+OrtValues that go from one step's outputs to the next step's inputs without touching numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnxruntime as ort
+
+from edgegpt import contract
+from edgegpt.errors import BundleError
+from edgegpt.manifest import read_manifest
+from edgegpt.runtime import providers as prov
+
+log = logging.getLogger(__name__)
+
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
+
+
+def session_options(threads: Optional[int] = None, *, spinning: bool = True, optimization: str = "all",
+                    config: Optional[dict] = None) -> ort.SessionOptions:
+    """Session options chosen for token-by-token decoding.
+
+    - intra-op threads: the caller's count (default: physical cores as onnxruntime sees them);
+      inter-op 1 and sequential execution: a decoder graph is a chain, parallel branches are few.
+    - memory pattern off: the KV cache grows every step, so a cached allocation plan never
+      repeats (onnxruntime#5796: RSS ratchets with changing shapes); the arena stays on.
+    - spinning on by default (lower per-step latency); turn it off for apps that sit idle between
+      requests so threads do not burn a core (onnxruntime#14018).
+    """
+    so = ort.SessionOptions()
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    if optimization not in levels:
+        raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+    so.graph_optimization_level = levels[optimization]
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.enable_mem_pattern = False
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, str(v))
+    return so
+
+
+class ModelSession:
+    """One bundle's graph: validated against its manifest, stepped with IO binding."""
+
+    def __init__(self, bundle: str | Path, *, provider: str = "cpu", threads: Optional[int] = None,
+                 fallback: bool = False, provider_options: Optional[dict] = None, spinning: bool = True,
+                 optimization: str = "all", session_config: Optional[dict] = None):
+        self.bundle = Path(bundle)
+        self.manifest = m = read_manifest(self.bundle)
+        arch = m["architecture"]
+        self.n_layer, self.n_head, self.head_dim = arch["n_layer"], arch["n_head"], arch["head_dim"]
+        self.vocab_size, self.max_context = arch["vocab_size"], m["max_context"]
+        self.eos_token_id, self.pad_token_id = m.get("eos_token_id"), m.get("pad_token_id")
+        io = {x["name"]: x for x in m["io"]["inputs"] + m["io"]["outputs"]}
+        want = set(contract.input_names(self.n_layer)) | set(contract.output_names(self.n_layer))
+        if set(io) != want or any(x["dtype"] not in NP_DTYPES for x in io.values()):
+            raise BundleError(f"{self.bundle}: edgegpt.json's inputs/outputs do not match the edgegpt contract "
+                              f"({sorted(set(io) ^ want)[:3]}); re-run `edgegpt export`")
+        self.kv_dtype = NP_DTYPES[io[contract.PAST_KEY.format(0)]["dtype"]]
+        self.last_logits_only = bool(m["graph"].get("options", {}).get("last_logits_only"))
+        self.provider, plist = prov.resolve(provider, fallback=fallback, options=provider_options)
+        self.device = prov.DEVICE.get(self.provider, "cpu")
+        so = session_options(threads, spinning=spinning, optimization=optimization, config=session_config)
+        path = self.bundle / m["graph"]["file"]
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=plist)
+        except Exception as e:  # onnxruntime raises Fail / InvalidProtobuf / NoSuchFile ...
+            raise BundleError(f"{self.bundle}: onnxruntime cannot load {path.name} "
+                              f"({str(e).splitlines()[0][:200]}); re-run `edgegpt export`") from None
+        self._check_graph(io)
+        self._past_names = contract.past_names(self.n_layer)
+        self._present_names = contract.present_names(self.n_layer)
+        self._output_names = contract.output_names(self.n_layer)
+
+    def _check_graph(self, io: dict) -> None:
+        """The graph must have exactly the manifest's inputs and outputs, with its dtypes."""
+        graph = {x.name: x.type for x in self.session.get_inputs() + self.session.get_outputs()}
+        if set(graph) != set(io):
+            extra = sorted(set(graph) ^ set(io))[:3]
+            raise BundleError(f"{self.bundle}: the graph's inputs/outputs do not match edgegpt.json ({extra}); "
+                              f"re-run `edgegpt export`")
+        for name, spec in io.items():
+            if graph[name] != ORT_TYPES[spec["dtype"]]:
+                raise BundleError(f"{self.bundle}: {name} is {graph[name]} in the graph but {spec['dtype']} in "
+                                  f"edgegpt.json; re-run `edgegpt export`")
+
+    def empty_past(self, batch: int) -> list[ort.OrtValue]:
+        z = np.zeros((batch, self.n_head, 0, self.head_dim), self.kv_dtype)
+        return [ort.OrtValue.ortvalue_from_numpy(z, self.device, 0) for _ in range(2 * self.n_layer)]
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        """One forward pass. Returns logits of the last position (B, V) float32 and present.
+
+        present stays in OrtValues allocated by onnxruntime on the provider's device (on CUDA the
+        cache never comes to the host); only the small ids/mask arrays and the logits cross.
+        """
+        b = self.session.io_binding()
+        b.bind_cpu_input(contract.INPUT_IDS, input_ids)
+        b.bind_cpu_input(contract.ATTENTION_MASK, attention_mask)
+        b.bind_cpu_input(contract.POSITION_IDS, position_ids)
+        for name, value in zip(self._past_names, past):
+            b.bind_ortvalue_input(name, value)
+        b.bind_output(contract.LOGITS, "cpu")
+        for name in self._present_names:
+            b.bind_output(name, self.device)
+        self.session.run_with_iobinding(b)
+        outs = b.get_outputs()
+        logits = outs[0].numpy()[:, -1, :]
+        if logits.dtype != np.float32:
+            logits = logits.astype(np.float32)
+        return logits, list(outs[1:])
+
+    def forward_numpy(self, feed: dict) -> list[np.ndarray]:
+        """Plain session.run for evaluation code that wants every position's logits."""
+        return self.session.run(self._output_names, feed)
