@@ -200,5 +200,62 @@ def inspect(bundle):
     click.echo(describe(bundle))
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New bundle dir (the input is never touched).")
+@click.option("--mode", required=True, type=click.Choice(["int8", "int4", "fp16", "int8-static"]))
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+              help="int4: weights per quantization block [32].")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="int4: MatMulNBits compute type; 4 = int8 dot products (fastest on CPU) [4].")
+@click.option("--lm-head", type=click.Choice(["fp32", "int8", "int4"]), default=None,
+              help="int8/int4: precision of the tied LM head [int8].")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="int8-static: calibration text file.")
+@click.option("--eval-text", type=click.Path(exists=True, dir_okay=False),
+              help="Text for the perplexity check [a held-out slice of builtin:pydoc].")
+@click.option("--max-ppl-increase", type=float, default=None,
+              help="Quality budget in percent [int8 1, fp16 1, int4 4, int8-static 5].")
+@click.option("--force", is_flag=True, help="Keep a result that is over its quality budget.")
+@click.option("--overwrite", is_flag=True)
+@friendly_errors
+def quantize(bundle, out, mode, block_size, accuracy_level, lm_head, calibration, eval_text, max_ppl_increase, force,
+             overwrite):
+    """Write an int8 / int4 / fp16 / int8-static copy of an fp32 bundle, with its measured quality."""
+    from edgegpt.export.inspect import describe
+    from edgegpt.model.data import read_text
+    from edgegpt.quantize.bundle import quantize_bundle
+
+    opts = {"block_size": int(block_size) if block_size else None, "accuracy_level": accuracy_level,
+            "lm_head": lm_head}
+    quantize_bundle(bundle, out, mode, options=opts, eval_text=read_text(eval_text) if eval_text else None,
+                    calibration=read_text(calibration) if calibration else None, max_ppl_increase=max_ppl_increase,
+                    force=force, overwrite=overwrite)
+    click.echo(describe(out))
+
+
+@main.command(name="eval")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", "text_path", default="builtin:pydoc-heldout", show_default=True,
+              help="Text file, or builtin:pydoc-heldout (the tail of builtin:pydoc the trainer holds out).")
+@click.option("--window", type=click.IntRange(min=2), default=None, help="Tokens per window [min(256, context)].")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Tokens between windows [window / 2].")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=4096, show_default=True)
+@click.option("--reference", type=click.Path(exists=True, file_okay=False),
+              help="Also report KL divergence and top-1 agreement against this bundle (e.g. the fp32 one).")
+@friendly_errors
+def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
+    """Perplexity of a bundle on a text (strided windows, with the runtime)."""
+    from edgegpt.model.data import read_text
+    from edgegpt.quantize.evaluate import default_eval_text, evaluate
+
+    text = default_eval_text() if text_path == "builtin:pydoc-heldout" else read_text(text_path)
+    r = evaluate(bundle, text, window=window, stride=stride, max_tokens=max_tokens, reference=reference)
+    line = (f"perplexity {r.perplexity:.4f} over {r.tokens} tokens ({r.windows} windows of {r.window}, "
+            f"stride {r.stride})")
+    if reference:
+        line += f"; vs reference: mean KL {r.kl_mean:.3e}, top-1 agreement {r.top1_agreement:.2%}"
+    click.echo(line)
+
+
 if __name__ == "__main__":
     main()

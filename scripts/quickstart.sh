@@ -17,3 +17,10 @@ edgegpt export "$OUT/tiny" --out "$OUT/tiny-fp32" --overwrite
 
 echo "== generate with onnxruntime (edgegpt.runtime), streaming"
 edgegpt generate "$OUT/tiny-fp32" --prompt "The with statement" --max-new-tokens 40 --stream
+
+echo "== quantize to int8 and int4 (perplexity, KL and greedy agreement measured and recorded)"
+edgegpt quantize "$OUT/tiny-fp32" --out "$OUT/tiny-int8" --mode int8 --overwrite | grep -E "^(precision|size|quality)"
+edgegpt quantize "$OUT/tiny-fp32" --out "$OUT/tiny-int4" --mode int4 --overwrite | grep -E "^(precision|size|quality)"
+
+echo "== generate from the int4 bundle"
+edgegpt generate "$OUT/tiny-int4" --prompt "The with statement" --max-new-tokens 40

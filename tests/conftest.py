@@ -82,3 +82,12 @@ def trained_checkpoint(tmp_path_factory) -> Path:
                       eval_interval=0, progress=False))
     assert json.loads((out / "config.json").read_text())["n_layer"] == 2
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(trained_checkpoint, tmp_path_factory):
+    from edgegpt.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("rt-trained") / "bundle"
+    export_bundle(trained_checkpoint, out)
+    return out

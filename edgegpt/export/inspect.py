@@ -37,7 +37,7 @@ def describe(bundle: str | Path) -> str:
                      f"{v['prompt_tokens']}-token prompt + {v['decode_steps']} decode steps, onnxruntime {v['onnxruntime']}")
     q = m.get("quality")
     if q:
-        lines.append("quality     " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in q.items()))
+        lines.append("quality     " + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in q.items()))
     src = m.get("source", {})
     if src:
         lines.append(f"source      {src.get('checkpoint')} (sha256 {str(src.get('sha256'))[:12]})")

@@ -10,10 +10,3 @@ def fp32_bundle(hf_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("rt") / "bundle"
     export_bundle(src, out)
     return out, src
-
-
-@pytest.fixture(scope="session")
-def trained_bundle(trained_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rt-trained") / "bundle"
-    export_bundle(trained_checkpoint, out)
-    return out

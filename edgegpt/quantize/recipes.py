@@ -1,0 +1,246 @@
+"""Precision recipes: one small registered class each, with its options, CLI name and quality budget.
+
+Every recipe reads the fp32 bundle's graph and writes a new graph with onnxruntime's own tooling:
+
+    int8         quantize_dynamic: per-channel int8 weights of the block MatMuls, int8 activations
+                 quantized at run time (MatMulConstBOnly, so attention's activation x activation
+                 MatMuls stay fp32); the tied LM head optionally as an 8-bit MatMulNBits.
+    int4         MatMulNBits: weight-only 4-bit blocks (block_size, accuracy_level), LM head 8-bit
+                 by default (most of GPT-2's 4-bit error lives in the tied embedding / head).
+    fp16         float16 weights, compute and KV cache for GPU / mobile targets; LayerNorm, Softmax
+                 and the logits stay float32 (fp16 overflow: onnxruntime#6328, #11384).
+    int8-static  QDQ static quantization calibrated on the user's text, for NNAPI / QNN / XNNPACK.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgegpt.errors import QuantizeError
+
+log = logging.getLogger(__name__)
+
+RECIPES: dict[str, type["Recipe"]] = {}
+
+
+def register(cls):
+    RECIPES[cls.name] = cls
+    return cls
+
+
+def cpu_flags() -> set[str]:
+    """x86 ISA extensions from /proc/cpuinfo (empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def untie_lm_head(model: onnx.ModelProto) -> Optional[str]:
+    """Gemm(x, wte, transB=1) -> MatMul(x, wte^T) with its own initializer, so weight-only
+    quantizers (which take MatMul with a constant B) can quantize the head while the embedding
+    Gather keeps the original table. Returns the new MatMul's name."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "Gemm" and node.input[1] in inits and any(a.name == "transB" and a.i for a in node.attribute):
+            w = numpy_helper.to_array(inits[node.input[1]])
+            name = "lm_head.weight_t"  # (n_embd, vocab)
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+            mm = helper.make_node("MatMul", [node.input[0], name], list(node.output), name="/lm_head/MatMul")
+            model.graph.node.remove(node)
+            model.graph.node.insert(i, mm)
+            return mm.name
+    return None
+
+
+@dataclass
+class Recipe:
+    name: ClassVar[str]
+    budget_pct: ClassVar[float]  # default max perplexity increase over fp32, percent
+    kv_dtype: ClassVar[str] = "float32"
+    targets: ClassVar[str] = "cpu"
+
+    def apply(self, src: Path, dst: Path, *, calibration: Optional[str] = None) -> dict:
+        """Write the quantized graph to dst (model.onnx); return the recipe's manifest section."""
+        raise NotImplementedError  # abstract: every registered recipe overrides it
+
+    def describe(self) -> dict:
+        return {"name": self.name, **{k: v for k, v in self.__dict__.items()}}
+
+
+@register
+@dataclass
+class Int8(Recipe):
+    name: ClassVar[str] = "int8"
+    budget_pct: ClassVar[float] = 1.0
+    per_channel: bool = True
+    lm_head: str = "int8"  # fp32 | int8
+
+    def apply(self, src, dst, *, calibration=None):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        _check_choice("lm_head", self.lm_head, ("fp32", "int8"))
+        flags = cpu_flags()
+        # Without VNNI, x86 u8s8 kernels use VPMADDUBSW which saturates; reduce_range (7-bit weights)
+        # avoids it at a small accuracy cost (onnxruntime#6004).
+        reduce_range = platform.machine() in ("x86_64", "AMD64") and not (flags & {"avx512_vnni", "avx_vnni"})
+        model, head = _load_untied(src)
+        block_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and _const_b(model, n)
+                         and n.name != head]
+        quantize_dynamic(model, str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=block_matmuls,
+                         per_channel=self.per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                         extra_options={"MatMulConstBOnly": True})
+        _finish_head(dst, head, self.lm_head, block_size=32, accuracy_level=4)
+        return {**self.describe(), "reduce_range": reduce_range, "quantized_matmuls": len(block_matmuls),
+                "cpu_vnni": bool(flags & {"avx512_vnni", "avx_vnni"})}
+
+
+@register
+@dataclass
+class Int4(Recipe):
+    name: ClassVar[str] = "int4"
+    budget_pct: ClassVar[float] = 4.0
+    block_size: int = 32
+    accuracy_level: int = 4  # int8 activations in the dot product: 2.3x faster decode (onnxruntime/mobius#402)
+    symmetric: bool = True
+    lm_head: str = "int8"  # fp32 | int8 | int4
+
+    def apply(self, src, dst, *, calibration=None):
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        _check_choice("lm_head", self.lm_head, ("fp32", "int8", "int4"))
+        _check_choice("block_size", self.block_size, (16, 32, 64, 128, 256))
+        _check_choice("accuracy_level", self.accuracy_level, (0, 1, 2, 3, 4))
+        model, head = _load_untied(src)
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=self.block_size, is_symmetric=self.symmetric,
+                                 accuracy_level=self.accuracy_level or None,
+                                 nodes_to_exclude=[] if self.lm_head == "int4" else [head])
+        q.process()
+        onnx.save_model(q.model.model, str(dst))
+        _finish_head(dst, head, "int4-done" if self.lm_head == "int4" else self.lm_head,
+                     block_size=self.block_size, accuracy_level=self.accuracy_level)
+        return self.describe()
+
+
+@register
+@dataclass
+class Fp16(Recipe):
+    name: ClassVar[str] = "fp16"
+    budget_pct: ClassVar[float] = 1.0
+    kv_dtype: ClassVar[str] = "float16"
+    targets: ClassVar[str] = "cuda, coreml, dml (fp16 on a CPU is slower than fp32: onnxruntime#9892)"
+
+    def apply(self, src, dst, *, calibration=None):
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        from edgegpt import contract
+
+        model = onnx.load(str(src))
+        # logits stay fp32 (sampling and perplexity want them); the KV cache goes fp16.
+        keep = [contract.LOGITS]
+        blocked = ["LayerNormalization", "Softmax", "SkipLayerNormalization"]
+        model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=blocked)
+        onnx.save_model(model, str(dst))
+        return {**self.describe(), "fp32_ops": blocked, "fp32_io": keep}
+
+
+@register
+@dataclass
+class Int8Static(Recipe):
+    name: ClassVar[str] = "int8-static"
+    budget_pct: ClassVar[float] = 5.0
+    targets: ClassVar[str] = "nnapi, qnn, xnnpack (accelerators that need static quantization)"
+    per_channel: bool = True
+    calibration_windows: int = 16
+    window: int = 128
+
+    def apply(self, src, dst, *, calibration=None):
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        from edgegpt import contract
+        from edgegpt.runtime.session import ModelSession
+        from edgegpt.runtime.text import load_bundle_tokenizer
+
+        if not calibration:
+            raise QuantizeError("int8-static needs calibration text: pass --calibration PATH (text like your prompts)")
+        bundle = Path(src).parent
+        sess = ModelSession(bundle)
+        ids = load_bundle_tokenizer(bundle).encode(calibration).ids
+        window = min(self.window, sess.max_context)
+        if len(ids) < window:
+            raise QuantizeError(f"the calibration text is {len(ids)} tokens, shorter than one window of {window}; "
+                                f"give more text")
+        starts = np.linspace(0, len(ids) - window, num=min(self.calibration_windows, len(ids) // window + 1)).astype(int)
+        empty = np.zeros((1, sess.n_head, 0, sess.head_dim), np.float32)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.feeds = iter([{contract.INPUT_IDS: np.asarray(ids[s:s + window], np.int64)[None],
+                                    contract.ATTENTION_MASK: np.ones((1, window), np.int64),
+                                    contract.POSITION_IDS: np.arange(window, dtype=np.int64)[None],
+                                    **{n: empty for n in contract.past_names(sess.n_layer)}} for s in starts])
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        model, head = _load_untied(src)
+        weights = [n.name for n in model.graph.node if n.op_type == "MatMul" and _const_b(model, n)]
+        untied = Path(dst).with_name("untied.onnx")
+        onnx.save_model(model, str(untied))
+        try:
+            quantize_static(str(untied), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                            nodes_to_quantize=weights, per_channel=self.per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            extra_options={"MatMulConstBOnly": True})
+        finally:
+            untied.unlink(missing_ok=True)
+        return {**self.describe(), "calibration_tokens": len(ids), "calibration_windows": len(starts),
+                "quantized_matmuls": len(weights), "format": "QDQ", "activations": "uint8", "weights": "int8"}
+
+
+def _const_b(model: onnx.ModelProto, node) -> bool:
+    return node.input[1] in {t.name for t in model.graph.initializer}
+
+
+def _check_choice(name: str, value, valid: tuple) -> None:
+    if value not in valid:
+        raise QuantizeError(f"{name} must be one of {', '.join(map(str, valid))}, got {value}")
+
+
+def _load_untied(src: Path) -> tuple[onnx.ModelProto, Optional[str]]:
+    """The graph with its LM head as a MatMul of its own. onnxruntime's quantizers rewrite a
+    Gemm(transB=1) into a MatMul by transposing its weight in place, which corrupts the embedding
+    Gather that shares it; untying first keeps the embedding intact."""
+    model = onnx.load(str(src))
+    return model, untie_lm_head(model)
+
+
+def _finish_head(path: Path, head: Optional[str], mode: str, *, block_size: int, accuracy_level: int) -> None:
+    """The untied head: 8-bit MatMulNBits (int8), or tied back to the embedding (fp32)."""
+    if head is None or mode == "int4-done":
+        return
+    model = onnx.load(str(path))
+    if mode == "fp32":
+        from edgegpt.export.graph import tie_lm_head
+
+        wte = next(t.name for t in model.graph.initializer if t.name.endswith("transformer.wte.weight"))
+        tie_lm_head(model, wte)
+        onnx.save_model(model, str(path))
+        return
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
+                             accuracy_level=accuracy_level or None, nodes_to_include=[head])
+    q.process()
+    onnx.save_model(q.model.model, str(path))

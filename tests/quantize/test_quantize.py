@@ -1,0 +1,124 @@
+"""`edgegpt quantize` and `edgegpt eval` on a model with trained weights."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgegpt.cli import main
+from edgegpt.errors import DataError, QuantizeError
+from edgegpt.manifest import file_table, read_manifest
+from edgegpt.quantize.bundle import quantize_bundle
+from edgegpt.quantize.evaluate import default_eval_text, evaluate
+from edgegpt.runtime import Generator
+
+EVAL_TOKENS = 1500  # keeps each quantize call to a second or two
+
+
+@pytest.fixture(scope="module")
+def quantized(trained_bundle, tmp_path_factory):
+    root = tmp_path_factory.mktemp("q")
+    before = file_table(trained_bundle)
+    out = {mode: quantize_bundle(trained_bundle, root / mode, mode, eval_tokens=EVAL_TOKENS)
+           for mode in ("int8", "int4", "fp16")}
+    out["int8-static"] = quantize_bundle(trained_bundle, root / "int8-static", "int8-static",
+                                         calibration=default_eval_text()[:20000], eval_tokens=EVAL_TOKENS)
+    assert file_table(trained_bundle) == before  # the input bundle is untouched
+    return root, out
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16", "int8-static"])
+def test_each_mode_is_within_budget_and_records_its_quality(quantized, trained_bundle, mode):
+    root, manifests = quantized
+    m = manifests[mode]
+    q = m["quality"]
+    assert m["precision"] == mode and q["ppl_increase_pct"] <= q["budget_pct"]
+    assert 0 < q["kl_mean"] < 0.05 and q["top1_agreement"] > 0.85 and q["eval_tokens"] > 1000
+    assert q["source_perplexity"] == pytest.approx(evaluate(trained_bundle, default_eval_text(),
+                                                            max_tokens=EVAL_TOKENS).perplexity, rel=1e-4)
+    src = read_manifest(trained_bundle)["files"]["model.onnx"]["bytes"]
+    assert m["files"]["model.onnx"]["bytes"] < src
+    # runs in the runtime with no special casing by the caller
+    text = Generator.load(root / mode).generate("The for statement", 12, ignore_eos=True)
+    assert isinstance(text, str) and text
+
+
+def test_kl_ranks_the_schemes(quantized):
+    q = {mode: m["quality"] for mode, m in quantized[1].items()}
+    assert q["fp16"]["kl_mean"] < q["int8"]["kl_mean"] < q["int4"]["kl_mean"]
+
+
+def test_recipes_are_what_they_say(quantized):
+    m = quantized[1]
+    assert m["int8"]["graph"]["op_counts"]["MatMulInteger"] == 4 * 2  # 4 weight matmuls x 2 layers
+    assert m["int4"]["graph"]["op_counts"]["com.microsoft.MatMulNBits"] == 4 * 2 + 1  # + the 8-bit LM head
+    assert m["int4"]["recipe"]["block_size"] == 32 and m["int4"]["recipe"]["accuracy_level"] == 4
+    fp16_io = {x["name"]: x["dtype"] for x in m["fp16"]["io"]["inputs"] + m["fp16"]["io"]["outputs"]}
+    assert fp16_io["past_key_values.0.key"] == "float16" and fp16_io["logits"] == "float32"
+    assert m["int8-static"]["graph"]["op_counts"]["QuantizeLinear"] > 0
+
+
+def test_over_budget_is_an_error_unless_forced(trained_bundle, tmp_path):
+    with pytest.raises(QuantizeError, match=r"over its budget of -5.0% by .* points; pass --force"):
+        quantize_bundle(trained_bundle, tmp_path / "q", "int4", max_ppl_increase=-5.0, eval_tokens=EVAL_TOKENS)
+    assert not (tmp_path / "q").exists()
+    m = quantize_bundle(trained_bundle, tmp_path / "q", "int4", max_ppl_increase=-5.0, force=True,
+                        eval_tokens=EVAL_TOKENS)
+    assert m["quality"]["ppl_increase_pct"] > -5.0
+
+
+def test_refusals(quantized, trained_bundle, tmp_path):
+    root, _ = quantized
+    with pytest.raises(QuantizeError, match="already int8; quantizing it again to int4"):
+        quantize_bundle(root / "int8", tmp_path / "x", "int4")
+    with pytest.raises(QuantizeError, match="needs calibration text"):
+        quantize_bundle(trained_bundle, tmp_path / "x", "int8-static")
+    with pytest.raises(QuantizeError, match="int8 does not take block_size"):
+        quantize_bundle(trained_bundle, tmp_path / "x", "int8", options={"block_size": 64})
+    with pytest.raises(QuantizeError, match="block_size must be one of"):
+        quantize_bundle(trained_bundle, tmp_path / "x", "int4", options={"block_size": 48})
+    with pytest.raises(DataError, match="shorter than one window"):
+        quantize_bundle(trained_bundle, tmp_path / "x", "int8", eval_text="too short")
+    with pytest.raises(QuantizeError, match="unknown mode"):
+        quantize_bundle(trained_bundle, tmp_path / "x", "int3")
+    assert not (tmp_path / "x").exists()
+
+
+def test_perplexity_matches_pytorch_on_one_window(trained_bundle, trained_checkpoint):
+    from edgegpt.model import load_checkpoint
+
+    model, tok = load_checkpoint(trained_checkpoint)
+    text = default_eval_text()
+    n = model.config.n_positions
+    ids = torch.tensor([tok.encode(text).ids[:n]])
+    with torch.no_grad():
+        logits, _ = model(ids)
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    r = evaluate(trained_bundle, text, window=n, stride=n, max_tokens=n)
+    assert r.tokens == n - 1 and r.windows == 1
+    assert r.perplexity == pytest.approx(float(torch.exp(nll)), rel=1e-4)
+
+
+def test_strided_windows_score_every_token_once(trained_bundle):
+    r = evaluate(trained_bundle, default_eval_text(), window=64, stride=16, max_tokens=500)
+    assert r.tokens == 499 and r.windows > 20
+
+
+def test_quantize_and_eval_commands(trained_bundle, tmp_path):
+    cal = tmp_path / "cal.txt"
+    cal.write_text(default_eval_text()[:5000])
+    res = CliRunner().invoke(main, ["quantize", str(trained_bundle), "--out", str(tmp_path / "q"), "--mode", "int4",
+                                    "--block-size", "64", "--lm-head", "int4"])
+    assert res.exit_code == 0, res.output
+    assert "ppl_increase_pct" in res.output and read_manifest(tmp_path / "q")["recipe"]["block_size"] == 64
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "q"), "--reference", str(trained_bundle),
+                                    "--max-tokens", "600"])
+    assert res.exit_code == 0 and "perplexity" in res.output and "top-1 agreement" in res.output
+    again = CliRunner().invoke(main, ["quantize", str(trained_bundle), "--out", str(tmp_path / "q"), "--mode", "int8"])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    static = CliRunner().invoke(main, ["quantize", str(trained_bundle), "--out", str(tmp_path / "s"), "--mode",
+                                       "int8-static"])
+    assert static.exit_code == 1 and "--calibration" in static.output
