@@ -257,5 +257,75 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
     click.echo(line)
 
 
+@main.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--workload", type=click.Choice(["W1", "W2", "W3"], case_sensitive=False), default=None,
+              help="A workload from DESIGN.md [W1 when no explicit sizes are given].")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=None)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=None)
+@click.option("--batch", type=click.IntRange(min=1), default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--provider", default="cpu", show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--baseline", "baselines", multiple=True, type=click.Choice(["torch", "optimum", "genai"]),
+              help="Also time PyTorch eager (transformers generate), Optimum or onnxruntime-genai. Repeatable.")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False),
+              help="Checkpoint for --baseline torch [the bundle's source].")
+@click.option("--sweep-context", default=None, help="Comma-separated contexts, e.g. 128,256,512,1024.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw the context sweep to this PNG.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON here.")
+@click.option("--roofline", is_flag=True, help="Probe memory bandwidth and report % of the decode bound.")
+@friendly_errors
+def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider, warmup, runs, baselines, checkpoint,
+          sweep_context, plot_path, json_path, roofline):
+    """Time bundles (interleaved) on a workload: TTFT, decode tok/s, RSS, size, load time."""
+    from edgegpt.bench import report
+    from edgegpt.bench.bench import BenchConfig, resolve_workload, run_bench
+
+    sweep = []
+    if sweep_context:
+        try:
+            sweep = [int(x) for x in sweep_context.split(",") if x.strip()]
+        except ValueError:
+            raise click.UsageError("--sweep-context takes comma-separated integers, e.g. 128,256,512") from None
+    if plot_path and not sweep:
+        raise click.UsageError("--plot draws the context sweep: add --sweep-context 128,256,...")
+    w = resolve_workload(workload, prompt_tokens, new_tokens, batch)
+    cfg = BenchConfig(list(bundles), w, threads, provider, warmup, runs, tuple(baselines), checkpoint, sweep, roofline)
+    n_systems = len(bundles) + len(baselines)
+    total = n_systems * (warmup + runs + len(sweep))
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="bench", unit="run", leave=False)
+        progress = lambda label: (bar.set_postfix_str(label[:40]), bar.update(1))  # noqa: E731
+    except ImportError:
+        bar, progress = None, None
+    try:
+        rep = run_bench(cfg, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(f"{w.name}: batch {w.batch}, {w.prompt_tokens}-token prompt, exactly {w.new_tokens} new tokens (greedy, "
+               f"EOS ignored), {threads} threads, {provider}; median of {runs} runs after {warmup} warm-up, "
+               f"interleaved; {rep.data['machine']['cpu']}, onnxruntime {rep.data['machine']['onnxruntime']}")
+    click.echo(rep.table)
+    if rep.data.get("bandwidth"):
+        bw = rep.data["bandwidth"]
+        click.echo(f"bandwidth {bw['gb_per_s']} GB/s ({bw['method']}); decode bound tok/s: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in rep.data["bound_tok_s"].items() if v))
+    for r in rep.results:
+        if r.sweep:
+            click.echo(f"context sweep, {r.label}: " + ", ".join(f"{c}: {ms:.2f} ms/token" for c, ms in sorted(r.sweep.items())))
+    for n in rep.notes:
+        click.echo(f"note: {n}")
+    if json_path:
+        report.write_json(json_path, rep.data)
+    if plot_path:
+        report.plot(rep.results, plot_path, f"decode latency vs context ({threads} threads, {provider})")
+        click.echo(f"plot: {plot_path}")
+
+
 if __name__ == "__main__":
     main()

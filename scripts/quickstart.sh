@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default: a tiny GPT trained on builtin:pydoc (CPython's
 # own documentation, read at run time), exported to a verified ONNX bundle
-# and generated from with onnxruntime. Everything lands in ./quickstart/.
+# and generated from with onnxruntime, quantized to int8 and int4, and benchmarked. Everything lands in ./quickstart/.
 set -euo pipefail
 OUT=${1:-quickstart}
 mkdir -p "$OUT"
@@ -24,3 +24,6 @@ edgegpt quantize "$OUT/tiny-fp32" --out "$OUT/tiny-int4" --mode int4 --overwrite
 
 echo "== generate from the int4 bundle"
 edgegpt generate "$OUT/tiny-int4" --prompt "The with statement" --max-new-tokens 40
+
+echo "== benchmark fp32 / int8 / int4 against PyTorch eager (W1 sizes: 128-token prompt, 128 new tokens)"
+edgegpt bench "$OUT/tiny-fp32" "$OUT/tiny-int8" "$OUT/tiny-int4" --workload W1 --baseline torch --runs 3

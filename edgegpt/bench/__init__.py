@@ -1,0 +1,1 @@
+"""Latency benchmarks: workloads, interleaved measurement in worker processes, reports."""

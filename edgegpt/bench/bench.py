@@ -1,0 +1,118 @@
+"""`edgegpt bench`: time bundles (and baselines) on a workload, interleaved, and report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from edgegpt.bench import report
+from edgegpt.bench.harness import Result, measure
+from edgegpt.bench.roofline import measure_bandwidth, weight_bytes_per_token
+from edgegpt.bench.systems import BenchError, EdgeGPT, GenAI, Optimum, System, TorchEager
+from edgegpt.bench.workloads import WORKLOADS, Workload
+from edgegpt.errors import BundleError
+from edgegpt.manifest import MANIFEST, bundle_size, read_manifest
+
+BASELINES = ("torch", "optimum", "genai")
+
+
+@dataclass
+class BenchConfig:
+    bundles: list[str]
+    workload: Workload
+    threads: Optional[int] = 2
+    provider: str = "cpu"
+    warmup: int = 1
+    runs: int = 3
+    baselines: tuple[str, ...] = ()
+    checkpoint: Optional[str] = None
+    sweep: list[int] = field(default_factory=list)
+    roofline: bool = False
+
+
+@dataclass
+class BenchReport:
+    results: list[Result]
+    table: str
+    notes: list[str]
+    data: dict
+
+
+def check_bundles(paths: list[str]) -> list[dict]:
+    manifests = []
+    for p in paths:
+        if not (Path(p) / MANIFEST).is_file() and (Path(p) / "config.json").is_file():
+            raise BundleError(f"{p} is a checkpoint, not a bundle; build one first: edgegpt export {p} --out BUNDLE "
+                              f"(then edgegpt quantize BUNDLE --out ... --mode int8|int4 for the quantized ones)")
+        manifests.append(read_manifest(p))
+    return manifests
+
+
+def resolve_workload(name: Optional[str], prompt_tokens: Optional[int], new_tokens: Optional[int],
+                     batch: Optional[int]) -> Workload:
+    if name:
+        if name.upper() not in WORKLOADS:
+            raise BenchError(f"unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}")
+        w = WORKLOADS[name.upper()]
+    else:
+        w = Workload("custom", 128, 128)
+    return Workload(w.name if not (prompt_tokens or new_tokens or batch) else "custom",
+                    prompt_tokens or w.prompt_tokens, new_tokens or w.new_tokens, batch or w.batch, w.model)
+
+
+def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None) -> BenchReport:
+    if not cfg.bundles:
+        raise BenchError("give at least one bundle dir")
+    manifests = check_bundles(cfg.bundles)
+    vocab = min(m["architecture"]["vocab_size"] for m in manifests)
+    w = cfg.workload
+    for p, m in zip(cfg.bundles, manifests):
+        if w.prompt_tokens + w.new_tokens > m["max_context"]:
+            raise BenchError(f"{w.name}: {w.prompt_tokens} + {w.new_tokens} tokens exceed {p}'s context of "
+                             f"{m['max_context']}")
+    bad = [b for b in cfg.baselines if b not in BASELINES]
+    if bad:
+        raise BenchError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)}")
+    labels = _labels(cfg.bundles, manifests)
+    systems: list[System] = [EdgeGPT(b, cfg.threads, cfg.provider, label) for b, label in zip(cfg.bundles, labels)]
+    first = cfg.bundles[0]
+    for b in cfg.baselines:
+        if b == "torch":
+            src = cfg.checkpoint or manifests[0].get("source", {}).get("checkpoint")
+            if not src:
+                raise BenchError("--baseline torch needs the checkpoint the bundle came from: pass --checkpoint DIR")
+            systems.append(TorchEager(src, cfg.threads))
+        elif b == "optimum":
+            systems.append(Optimum(first, cfg.threads))
+        elif b == "genai":
+            systems.append(GenAI(first, cfg.threads))
+    sizes = {label: bundle_size(b) for b, label in zip(cfg.bundles, labels)}
+    sweep = {}
+    for c in cfg.sweep:
+        if c + 16 > min(m["max_context"] for m in manifests):
+            raise BenchError(f"--sweep-context {c}: context + 16 decode tokens exceeds the model's context")
+        sweep[c] = Workload("sweep", c, 16).prompt_ids(vocab)
+    bounds, bw = {}, None
+    if cfg.roofline:
+        bw = measure_bandwidth(cfg.threads)
+        for b, label in zip(cfg.bundles, labels):
+            wb = weight_bytes_per_token(b)
+            bounds[label] = bw["gb_per_s"] * 1e9 / wb if wb else None
+    results = measure(systems, w.prompt_ids(vocab), w.new_tokens, warmup=cfg.warmup, runs=cfg.runs, sweep=sweep,
+                      progress=progress)
+    meta = {"workload": w.__dict__, "threads": cfg.threads, "provider": cfg.provider, "warmup": cfg.warmup,
+            "runs": cfg.runs, "machine": report.machine(), "bandwidth": bw,
+            "bound_tok_s": {k: v for k, v in bounds.items()}, "bundles": dict(zip(labels, cfg.bundles))}
+    return BenchReport(results, report.table(results, sizes, bounds), report.notes(results),
+                       report.to_json(results, meta))
+
+
+def _labels(paths: list[str], manifests: list[dict]) -> list[str]:
+    labels = []
+    for p, m in zip(paths, manifests):
+        label = f"edgegpt {m['precision']} ({Path(p).name})"
+        while label in labels:
+            label += "'"
+        labels.append(label)
+    return labels

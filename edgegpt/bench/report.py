@@ -1,0 +1,114 @@
+"""Benchmark output: a markdown table to paste into an issue, JSON, and the context-sweep plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Optional
+
+from edgegpt.bench.harness import Result
+
+WIDE_SPREAD = 0.10  # (max - min) / median above this: the machine was noisy during the runs
+
+
+def machine() -> dict:
+    import onnxruntime as ort
+
+    from edgegpt import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "onnxruntime": ort.__version__, "edgegpt": __version__}
+
+
+def _fmt_spread(res: Result, attr: str, scale: float = 1.0, digits: int = 1) -> str:
+    lo, hi = res.spread(attr)
+    return f"{res.median(attr) * scale:.{digits}f} ({lo * scale:.{digits}f}-{hi * scale:.{digits}f})"
+
+
+def table(results: list[Result], sizes: dict[str, Optional[int]], bounds: dict[str, Optional[float]]) -> str:
+    ok = [r for r in results if r.runs]
+    base = ok[0] if ok else None
+    head = ("| system | size MB | load s | TTFT ms | decode tok/s (min-max) | step p50 / p90 ms | e2e s | peak RSS MB "
+            "| decode x first | TTFT x first |" + (" % of BW bound |" if any(bounds.values()) else ""))
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        if not r.runs:
+            lines.append(f"| {r.label} |" + " - |" * (head.count("|") - 2))
+            continue
+        size = sizes.get(r.label)
+        bound = bounds.get(r.label)
+        row = (f"| {r.label} | {size / 1e6:.1f} | " if size else f"| {r.label} | - | ") + (
+            f"{r.load_s:.2f} | {r.median('ttft_ms'):.1f} | {_fmt_spread(r, 'decode_tok_s')} | "
+            f"{r.step_percentile(0.5):.2f} / {r.step_percentile(0.9):.2f} | {r.median('e2e_s'):.3f} | "
+            f"{r.peak_rss_mb:.0f} | {r.median('decode_tok_s') / base.median('decode_tok_s'):.2f} | "
+            f"{r.median('ttft_ms') / base.median('ttft_ms'):.2f} |")
+        if any(bounds.values()):
+            row += f" {100 * r.median('decode_tok_s') / bound:.0f}% |" if bound else " - |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def notes(results: list[Result]) -> list[str]:
+    out = []
+    for r in results:
+        if r.error:
+            out.append(f"{r.label}: not measured ({r.error})")
+        elif r.runs:
+            lo, hi = r.spread("decode_tok_s")
+            if (hi - lo) / r.median("decode_tok_s") > WIDE_SPREAD:
+                out.append(f"{r.label}: decode spread {100 * (hi - lo) / r.median('decode_tok_s'):.0f}% of the median: "
+                           f"the machine was noisy; use more --runs")
+    return out
+
+
+def to_json(results: list[Result], meta: dict) -> dict:
+    return {**meta, "results": [{
+        "label": r.label, "kind": r.kind, "error": r.error, "load_s": r.load_s, "peak_rss_mb": r.peak_rss_mb,
+        "ttft_ms": r.median("ttft_ms") if r.runs else None,
+        "decode_tok_s": r.median("decode_tok_s") if r.runs else None,
+        "e2e_s": r.median("e2e_s") if r.runs else None,
+        "step_ms_p50": r.step_percentile(0.5) if r.runs else None,
+        "step_ms_p90": r.step_percentile(0.9) if r.runs else None,
+        "runs": [{"ttft_ms": x.ttft_ms, "decode_tok_s": x.decode_tok_s, "e2e_s": x.e2e_s} for x in r.runs],
+        "sweep_ms_per_token": {str(k): v for k, v in r.sweep.items()},
+    } for r in results]}
+
+
+def plot(results: list[Result], path: str | Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from edgegpt.bench.systems import BenchError
+
+        raise BenchError("--plot needs matplotlib: pip install 'edgegpt[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for r in results:
+        if r.sweep:
+            xs = sorted(r.sweep)
+            ax.plot(xs, [r.sweep[x] for x in xs], marker="o", label=r.label)
+    ax.set_xlabel("context length (tokens already in the KV cache)")
+    ax.set_ylabel("decode latency, ms / token (median)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    plt.close(fig)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")

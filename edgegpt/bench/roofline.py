@@ -1,0 +1,72 @@
+"""The memory-bandwidth bound of decoding: tokens/s <= read bandwidth / weight bytes read per token.
+
+Bandwidth is probed with onnxruntime itself (a multi-threaded ReduceSum over a 512 MiB tensor at the
+benchmark's thread count), so the bound reflects what the same thread pool can stream from DRAM.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+PROBE_BYTES = 512 * 1024**2
+
+
+def measure_bandwidth(threads: Optional[int] = None, reps: int = 7) -> dict:
+    """Read bandwidth in GB/s (median of reps), with the method used."""
+    x = np.ones((PROBE_BYTES // 4 // 4096, 4096), dtype=np.float32)
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        # Row sums: onnxruntime splits the rows over its thread pool (a single full reduction
+        # would run on one thread).
+        graph = helper.make_graph(
+            [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)], "bw",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0]])],
+            [numpy_helper.from_array(np.array([1], np.int64), "axes")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        run, method = (lambda: sess.run(None, {"x": x})), f"onnxruntime row ReduceSum, {threads or 'default'} threads"
+    except ImportError:
+        run, method = (lambda: x.sum()), "numpy sum, 1 thread"
+    run()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return {"gb_per_s": round(PROBE_BYTES / float(np.median(times)) / 1e9, 2), "method": method}
+
+
+def weight_bytes_per_token(bundle: str | Path) -> Optional[int]:
+    """Bytes of initializers one decode step reads: all of them but tables only indexed by Gather
+    (the embedding rows a step reads are negligible; a tied LM head counts once, via its Gemm)."""
+    try:
+        import onnx
+        from onnx import helper
+    except ImportError:
+        return None
+    from edgegpt.manifest import read_manifest
+
+    m = read_manifest(bundle)
+    model = onnx.load(str(Path(bundle) / m["graph"]["file"]), load_external_data=False)
+    users: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for t in model.graph.initializer:
+        ops = users.get(t.name, set())
+        if not ops or ops <= {"Gather", "GatherBlockQuantized"}:
+            continue
+        n = int(np.prod(t.dims)) if t.dims else 1
+        total += n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total

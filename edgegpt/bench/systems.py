@@ -1,0 +1,166 @@
+"""The systems a benchmark can time, each behind one small interface.
+
+``load()`` builds it (timed as load time), ``run(prompts, new_tokens)`` generates exactly
+``new_tokens`` tokens per prompt and returns the wall-clock time at which each new token became
+available. Systems other than edgegpt's own runtime are optional: a missing package raises a
+clear BenchError naming it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+from edgegpt.errors import EdgeGPTError
+
+
+class BenchError(EdgeGPTError):
+    """A benchmark cannot run as asked (missing package, checkpoint instead of bundle, ...)."""
+
+
+class System:
+    label: str = ""
+    kind: str = ""
+
+    def load(self) -> None:
+        raise NotImplementedError  # abstract: every registered system overrides it
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> list[float]:
+        raise NotImplementedError  # abstract: every registered system overrides it
+
+
+class EdgeGPT(System):
+    kind = "edgegpt"
+
+    def __init__(self, bundle: str, threads: Optional[int], provider: str, label: Optional[str] = None):
+        self.bundle, self.threads, self.provider = bundle, threads, provider
+        self.label = label or Path(bundle).name
+
+    def load(self) -> None:
+        from edgegpt.runtime import Generator
+        from edgegpt.runtime.generator import GenerationConfig
+
+        self.gen = Generator.load(self.bundle, provider=self.provider, threads=self.threads)
+        self._cfg = GenerationConfig
+
+    def run(self, prompts, new_tokens):
+        cfg = self._cfg(max_new_tokens=new_tokens, ignore_eos=True)
+        return [time.perf_counter() for _ in self.gen.iter_ids(prompts, cfg)]
+
+
+def _hf_generate(model, prompts, new_tokens) -> list[float]:
+    """transformers' generate with a logits processor that stamps the time of every step."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([Stamp()]))
+    return stamps
+
+
+class TorchEager(System):
+    """PyTorch eager: transformers GPT2LMHeadModel.generate, fp32, on the checkpoint the bundle came from."""
+
+    kind = "torch"
+    label = "torch eager (transformers)"
+
+    def __init__(self, checkpoint: str, threads: Optional[int]):
+        self.checkpoint, self.threads = checkpoint, threads
+
+    def load(self) -> None:
+        try:
+            import torch
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise BenchError("--baseline torch needs torch and transformers: pip install 'edgegpt[dev]'") from None
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if not Path(self.checkpoint, "config.json").is_file():
+            raise BenchError(f"--baseline torch: the bundle's source checkpoint {self.checkpoint} is not there; "
+                             f"pass --checkpoint DIR")
+        self.model = GPT2LMHeadModel.from_pretrained(self.checkpoint).eval()
+
+    def run(self, prompts, new_tokens):
+        return _hf_generate(self.model, prompts, new_tokens)
+
+
+class Optimum(System):
+    """Hugging Face Optimum's ORTModelForCausalLM on the same bundle (torch held at 1 thread so it
+    does not fight onnxruntime's threads for the cores)."""
+
+    kind = "optimum"
+    label = "optimum ORTModelForCausalLM"
+
+    def __init__(self, bundle: str, threads: Optional[int]):
+        self.bundle, self.threads = bundle, threads
+
+    def load(self) -> None:
+        try:
+            import onnxruntime as ort
+            import torch
+            from optimum.onnxruntime import ORTModelForCausalLM
+        except ImportError:
+            raise BenchError("--baseline optimum needs optimum-onnx: pip install 'edgegpt[interop]'") from None
+        torch.set_num_threads(1)
+        so = ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        self.model = ORTModelForCausalLM.from_pretrained(self.bundle, session_options=so)
+
+    def run(self, prompts, new_tokens):
+        return _hf_generate(self.model, prompts, new_tokens)
+
+
+class GenAI(System):
+    """onnxruntime-genai's Generator on the same bundle (via its genai_config.json)."""
+
+    kind = "genai"
+    label = "onnxruntime-genai"
+
+    def __init__(self, bundle: str, threads: Optional[int]):
+        self.bundle, self.threads = bundle, threads
+
+    def load(self) -> None:
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise BenchError("--baseline genai needs onnxruntime-genai: pip install 'edgegpt[interop]'") from None
+        import json
+        import os
+        import tempfile
+
+        self.og = og
+        # genai takes its thread count from genai_config.json: run from a temporary view of the bundle
+        # (links to its files) whose config sets it, leaving the bundle itself untouched.
+        self._view = tempfile.TemporaryDirectory(prefix="edgegpt-genai-")
+        for f in Path(self.bundle).iterdir():
+            if f.is_file() and f.name != "genai_config.json":
+                os.symlink(f.resolve(), Path(self._view.name) / f.name)
+        cfg = json.loads(Path(self.bundle, "genai_config.json").read_text())
+        if self.threads:
+            cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = self.threads
+        Path(self._view.name, "genai_config.json").write_text(json.dumps(cfg))
+        self.model = og.Model(self._view.name)
+
+    def run(self, prompts, new_tokens):
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompts[0]) + new_tokens, min_length=len(prompts[0]) + new_tokens,
+                                  do_sample=False, batch_size=len(prompts))
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(prompts)
+        stamps = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            stamps.append(time.perf_counter())
+        return stamps

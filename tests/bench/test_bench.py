@@ -1,0 +1,85 @@
+"""`edgegpt bench` on a tiny bundle: every figure present, interleaving, baselines, plot, refusals."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgegpt.bench.bench import BenchConfig, run_bench
+from edgegpt.bench.harness import reduce_run
+from edgegpt.bench.roofline import measure_bandwidth, weight_bytes_per_token
+from edgegpt.bench.systems import BenchError
+from edgegpt.bench.workloads import WORKLOADS, Workload
+from edgegpt.cli import main
+from edgegpt.errors import BundleError
+
+
+@pytest.fixture(scope="module")
+def bundle(hf_checkpoint, tmp_path_factory):
+    from edgegpt.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bench") / "b"
+    export_bundle(hf_checkpoint("distil-like"), out)
+    return out
+
+
+def test_reduce_run_separates_prefill_and_decode():
+    s = reduce_run(10.0, [10.1, 10.2, 10.4])
+    assert s.ttft_ms == pytest.approx(100.0) and s.decode_tok_s == pytest.approx(2 / 0.3)
+    assert s.step_ms == pytest.approx([100.0, 200.0]) and s.e2e_s == pytest.approx(0.4)
+
+
+def test_workloads_match_design_and_prompts_are_fixed():
+    assert (WORKLOADS["W1"].prompt_tokens, WORKLOADS["W1"].new_tokens) == (128, 128)
+    assert (WORKLOADS["W2"].prompt_tokens, WORKLOADS["W3"].new_tokens) == (896, 64)
+    assert WORKLOADS["W1"].prompt_ids(50257) == WORKLOADS["W1"].prompt_ids(50257)
+
+
+def test_bench_measures_bundles_and_torch_baseline(bundle):
+    pytest.importorskip("transformers")
+    cfg = BenchConfig([str(bundle), str(bundle)], Workload("t", 16, 12), threads=1, warmup=1, runs=2,
+                      baselines=("torch",), sweep=[16, 48])
+    rep = run_bench(cfg)
+    assert [r.kind for r in rep.results] == ["edgegpt", "edgegpt", "torch"]
+    for r in rep.results:
+        assert r.error is None and len(r.runs) == 2 and r.peak_rss_mb > 0 and r.load_s > 0
+        assert all(x.decode_tok_s > 0 and x.ttft_ms > 0 and len(x.step_ms) == 11 for x in r.runs)
+        assert set(r.sweep) == {16, 48}
+    assert rep.table.count("\n") == 4 and "decode x first" in rep.table
+    assert rep.data["machine"]["onnxruntime"] and rep.data["results"][0]["decode_tok_s"] > 0
+
+
+@pytest.mark.parametrize("baseline, module", [("optimum", "optimum.onnxruntime"), ("genai", "onnxruntime_genai")])
+def test_peer_baselines_when_installed(bundle, baseline, module):
+    pytest.importorskip(module)
+    rep = run_bench(BenchConfig([str(bundle)], Workload("t", 8, 6), threads=1, warmup=0, runs=1, baselines=(baseline,)))
+    assert rep.results[1].error is None and rep.results[1].runs[0].decode_tok_s > 0
+
+
+def test_roofline_pieces(bundle):
+    bw = measure_bandwidth(1, reps=2)
+    assert bw["gb_per_s"] > 0.5
+    wb = weight_bytes_per_token(bundle)
+    # every matrix of the blocks plus the tied head, but not the position table (read a row a step)
+    assert 64 * 192 * 4 * 2 < wb < 1000 * 64 * 4 + 2 * (64 * 64 * 12 * 4) + 100_000
+
+
+def test_bench_command_writes_json_and_plot(bundle, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = CliRunner().invoke(main, ["bench", str(bundle), "--prompt-tokens", "8", "--new-tokens", "6", "--runs", "1",
+                                    "--warmup", "0", "--threads", "1", "--sweep-context", "8,32", "--plot",
+                                    str(tmp_path / "p.png"), "--json", str(tmp_path / "r.json"), "--roofline"])
+    assert res.exit_code == 0, res.output
+    assert "| edgegpt fp32 (b) |" in res.output and "% of BW bound" in res.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["results"][0]["sweep_ms_per_token"].keys() == {"8", "32"} and data["bandwidth"]["gb_per_s"] > 0
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refusals(bundle, hf_checkpoint):
+    with pytest.raises(BundleError, match="is a checkpoint, not a bundle; build one first: edgegpt export"):
+        run_bench(BenchConfig([str(hf_checkpoint("distil-like"))], WORKLOADS["W3"]))
+    with pytest.raises(BenchError, match="exceed"):
+        run_bench(BenchConfig([str(bundle)], WORKLOADS["W2"]))
+    res = CliRunner().invoke(main, ["bench", str(bundle), "--plot", "x.png"])
+    assert res.exit_code == 2 and "--sweep-context" in res.output
