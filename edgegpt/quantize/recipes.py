@@ -100,7 +100,9 @@ class Int8(Recipe):
                          and n.name != head]
         quantize_dynamic(model, str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=block_matmuls,
                          per_channel=self.per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
-                         extra_options={"MatMulConstBOnly": True})
+                         # DefaultTensorType: onnx's shape inference cannot see through contrib ops
+                         # (MultiHeadAttention, SkipLayerNormalization) of the fused graph
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         _finish_head(dst, head, self.lm_head, block_size=32, accuracy_level=4)
         return {**self.describe(), "reduce_range": reduce_range, "quantized_matmuls": len(block_matmuls),
                 "cpu_vnni": bool(flags & {"avx512_vnni", "avx_vnni"})}
@@ -202,7 +204,7 @@ class Int8Static(Recipe):
             quantize_static(str(untied), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
                             nodes_to_quantize=weights, per_channel=self.per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            extra_options={"MatMulConstBOnly": True})
+                            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         finally:
             untied.unlink(missing_ok=True)
         return {**self.describe(), "calibration_tokens": len(ids), "calibration_windows": len(starts),

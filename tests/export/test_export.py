@@ -21,8 +21,16 @@ from edgegpt.model import load_checkpoint
 
 @pytest.fixture(scope="module")
 def bundle(hf_checkpoint, tmp_path_factory):
+    """The default (fused) graph."""
     out = tmp_path_factory.mktemp("export") / "bundle"
     export_bundle(hf_checkpoint("gpt2-like"), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def traced_bundle(hf_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "traced"
+    export_bundle(hf_checkpoint("gpt2-like"), out, ExportOptions(graph="traced"))
     return out
 
 
@@ -38,9 +46,11 @@ def _feed(cfg, ids, mask, pos, past=None):
             **dict(zip(contract.past_names(n), past))}
 
 
+@pytest.mark.parametrize("graph", ["fused", "traced"])
 @pytest.mark.parametrize("shape", ["distil-like", "odd-heads", "small-vocab"])
-def test_export_verifies_and_describes_itself(hf_checkpoint, tmp_path, shape):
-    m = export_bundle(hf_checkpoint(shape), tmp_path / "b")
+def test_export_verifies_and_describes_itself(hf_checkpoint, tmp_path, shape, graph):
+    m = export_bundle(hf_checkpoint(shape), tmp_path / "b", ExportOptions(graph=graph))
+    assert m["graph"]["options"]["graph"] == graph
     v = m["verification"]
     assert v["passed"] and v["greedy_identical"] and v["max_abs_logit_diff"] < 1e-4 and v["decode_steps"] >= 16
     assert set(json.loads((tmp_path / "b" / "genai_config.json").read_text())["model"]) >= {"decoder", "type"}
@@ -50,22 +60,40 @@ def test_export_verifies_and_describes_itself(hf_checkpoint, tmp_path, shape):
     assert not list(tmp_path.glob(".b.tmp-*"))
 
 
-def test_graph_is_clean_and_stores_the_tied_embedding_once(bundle):
+def _no_dead_nodes(g):
+    produced = {o for n in g.graph.node for o in n.output if o}
+    consumed = {i for n in g.graph.node for i in n.input} | {o.name for o in g.graph.output}
+    return produced <= consumed
+
+
+def test_fused_graph_is_made_of_contrib_kernels(bundle):
+    g = onnx.load(str(bundle / "model.onnx"))
+    m = read_manifest(bundle)
+    counts, L = m["graph"]["op_counts"], m["architecture"]["n_layer"]
+    assert counts["com.microsoft.MultiHeadAttention"] == L and counts["com.microsoft.SkipLayerNormalization"] == 2 * L
+    assert counts["com.microsoft.FastGelu"] == L and counts["MatMul"] == 4 * L and counts["Gemm"] == 1
+    assert sum(counts.values()) < 12 * L  # vs ~50 per layer traced
+    assert m["graph"]["options"]["fused_attention"] == "com.microsoft.MultiHeadAttention"
+    assert len([t for t in g.graph.initializer if 1000 in t.dims]) == 1 and _no_dead_nodes(g)
+
+
+def test_traced_graph_is_clean_and_stores_the_tied_embedding_once(traced_bundle):
+    bundle = traced_bundle
     g = onnx.load(str(bundle / "model.onnx"))
     onnx.checker.check_model(g)
     V, C = 1000, 96
     big = [t for t in g.graph.initializer if V in t.dims]
     assert len(big) == 1 and list(big[0].dims) == [V, C]  # the LM head Gemm reads wte itself
     assert any(n.op_type == "Gemm" and n.attribute[0].i == 1 for n in g.graph.node)
-    produced = {o for n in g.graph.node for o in n.output}
-    consumed = {i for n in g.graph.node for i in n.input} | {o.name for o in g.graph.output}
-    assert produced <= consumed  # no dead nodes
+    assert _no_dead_nodes(g)
     assert all(vi.type.tensor_type.elem_type for vi in g.graph.value_info)  # shapes were inferred
     assert {o.domain for o in g.opset_import} == {""}
     assert read_manifest(bundle)["graph"]["op_counts"]["Gemm"] == 1
 
 
-def test_left_padded_batch_gives_the_same_logits_for_real_tokens(bundle, hf_checkpoint):
+@pytest.mark.parametrize("which", ["bundle", "traced_bundle"])
+def test_left_padded_batch_gives_the_same_logits_for_real_tokens(which, hf_checkpoint, request):
+    bundle = request.getfixturevalue(which)
     model, _ = load_checkpoint(hf_checkpoint("gpt2-like"))
     cfg, sess = model.config, _session(bundle)
     rng = np.random.default_rng(0)
