@@ -7,8 +7,10 @@ Every recipe reads the fp32 bundle's graph and writes a new graph with onnxrunti
                  MatMuls stay fp32); the tied LM head optionally as an 8-bit MatMulNBits.
     int4         MatMulNBits: weight-only 4-bit blocks (block_size, accuracy_level), LM head 8-bit
                  by default (most of GPT-2's 4-bit error lives in the tied embedding / head).
-    fp16         float16 weights, compute and KV cache for GPU / mobile targets; LayerNorm, Softmax
-                 and the logits stay float32 (fp16 overflow: onnxruntime#6328, #11384).
+    fp16         float16 weights, compute and KV cache for GPU / mobile targets; LayerNormalization,
+                 Softmax and the logits stay float32 (fp16 overflow: onnxruntime#6328, #11384); the
+                 fused graph's SkipLayerNormalization takes fp16 tensors (blocking it makes the
+                 converter emit mistyped graphs) and its kernels accumulate statistics in fp32.
     int8-static  QDQ static quantization calibrated on the user's text, for NNAPI / QNN / XNNPACK.
 """
 
@@ -151,8 +153,9 @@ class Fp16(Recipe):
         model = onnx.load(str(src))
         # logits stay fp32 (sampling and perplexity want them); the KV cache goes fp16.
         keep = [contract.LOGITS]
-        blocked = ["LayerNormalization", "Softmax", "SkipLayerNormalization"]
+        blocked = ["LayerNormalization", "Softmax"]
         model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=blocked)
+        _unique_node_names(model)
         onnx.save_model(model, str(dst))
         return {**self.describe(), "fp32_ops": blocked, "fp32_io": keep}
 
@@ -213,6 +216,26 @@ class Int8Static(Recipe):
 
 def _const_b(model: onnx.ModelProto, node) -> bool:
     return node.input[1] in {t.name for t in model.graph.initializer}
+
+
+def _unique_node_names(model: onnx.ModelProto) -> None:
+    """The fp16 converter names its Cast nodes after the tensor they cast, so a tensor feeding two
+    blocked (fp32) nodes gets two identical Casts (same name, same output), which onnxruntime
+    rejects. Drop the repeats, then make any remaining duplicate node names unique."""
+    casts = set()
+    for node in list(model.graph.node):
+        if node.op_type == "Cast":
+            key = (tuple(node.input), tuple(node.output), node.attribute[0].i)
+            if key in casts:
+                model.graph.node.remove(node)
+            casts.add(key)
+    seen: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.name in seen:
+            seen[node.name] += 1
+            node.name = f"{node.name}_{seen[node.name]}"
+        else:
+            seen[node.name] = 0
 
 
 def _check_choice(name: str, value, valid: tuple) -> None:
