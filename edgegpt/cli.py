@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -191,6 +192,39 @@ def verify(bundle, against, decode_steps, atol):
     if not v["passed"]:
         raise click.ClickException(_failure(v))
     click.echo("PASSED")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--target", required=True, type=click.Choice(["cpu", "cuda", "android", "ios"]))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4", "int8-static"]), default=None,
+              help="Default per target: cpu int8, cuda fp16, android int8-static, ios fp16.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+              help="int8-static calibration text [a held-out slice of builtin:pydoc].")
+@click.option("--fixed-past", type=click.IntRange(min=1), default=None,
+              help="Past slots of the fixed-shape decode variant (mobile) [context - 1].")
+@click.option("--force", is_flag=True, help="Keep a precision pass that is over its quality budget.")
+@click.option("--overwrite", is_flag=True)
+@friendly_errors
+def package(bundle, target, out, precision, calibration, fixed_past, force, overwrite):
+    """Package a bundle for a target: precision, ORT format, operator config, provider report."""
+    from edgegpt.export.package import TARGETS, package_bundle
+    from edgegpt.model.data import read_text
+
+    t = TARGETS[target]
+    click.echo(f"target {target}: precision {precision or t.default_precision}"
+               f"{'' if precision else ' (default: ' + t.why + ')'}; providers {', '.join(t.providers)}")
+    m = package_bundle(bundle, target, out, precision=precision, calibration=read_text(calibration) if calibration
+                       else None, fixed_past=fixed_past, overwrite=overwrite, force=force)
+    p = m["package"]
+    if "ort_format" in p:
+        o = p["ort_format"]
+        click.echo(f"ORT format: {o['file']} {o['bytes'] / 1e6:.1f} MB (ONNX {o['onnx_bytes'] / 1e6:.1f} MB), "
+                   f"operators in {o['required_operators']}; fixed-shape decode variant "
+                   f"{p['fixed_shape_variants'][0]['file']}")
+        click.echo((Path(out) / p["report"]).read_text())
+    click.echo(f"wrote {out} ({m['size_bytes'] / 1e6:.1f} MB)")
 
 
 @main.command()

@@ -86,3 +86,21 @@ def save_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
 def infer_shapes(path: Path) -> None:
     """onnx shape inference, in place, path-based so models over 2 GB work too."""
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
+
+
+def ort_optimize(src: Path, dst: Path, *, external_data_file: str | None = None) -> None:
+    """onnxruntime's basic-level optimizer (constant folding, dead and redundant node elimination;
+    standard ops only) from src to dst."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    if external_data_file:
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", external_data_file)
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types per failure
+        raise ExportError(f"onnxruntime could not load the graph {Path(src).name}: {e}".splitlines()[0]) from None

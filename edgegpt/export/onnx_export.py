@@ -80,7 +80,6 @@ def _example_inputs(model: GPT) -> tuple[torch.Tensor, ...]:
 def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
     """Write dest/model.onnx (+ model.onnx.data when large). Returns the graph section of the manifest."""
     import onnx
-    import onnxruntime as ort
 
     from edgegpt.export import graph as g
     from edgegpt.manifest import MODEL_FILE
@@ -111,16 +110,7 @@ def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
         nodes_traced = len(raw_model.graph.node)
         del raw_model
         basic = Path(work) / "basic.onnx"
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(basic)
-        if external:
-            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "basic.data")
-            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        try:
-            ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types per failure
-            raise ExportError(f"onnxruntime could not load the traced graph: {e}".splitlines()[0]) from None
+        g.ort_optimize(raw, basic, external_data_file="basic.data" if external else None)
         m = onnx.load(str(basic))
         wte_name = next((t.name for t in m.graph.initializer if t.name.endswith("transformer.wte.weight")), None)
         tied = bool(wte_name) and g.tie_lm_head(m, wte_name)

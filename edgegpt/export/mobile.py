@@ -1,0 +1,120 @@
+"""Mobile deployment helpers over onnxruntime's own tools: ORT-format conversion with the
+required-operators config a reduced build needs, the NNAPI / CoreML usability check, XNNPACK
+coverage, and fixed-shape decode variants for providers that need static shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+log = logging.getLogger(__name__)
+
+# Operators the XNNPACK execution provider implements (onnxruntime docs, Xnnpack-ExecutionProvider:
+# "Supported ops"). onnxruntime ships no usability checker for XNNPACK, so coverage is counted by
+# op type against this list; shape limits are not checked.
+XNNPACK_OPS = {"AveragePool", "Conv", "ConvTranspose", "Gemm", "MatMul", "MaxPool", "Softmax", "Resize",
+               "QLinearConv", "QLinearAveragePool", "QLinearSoftmax", "QLinearConvTranspose", "QuantizeLinear",
+               "DequantizeLinear"}
+
+
+@dataclass
+class Coverage:
+    provider: str
+    nodes: int
+    supported: int
+    partitions: int
+    unsupported_ops: list[str]
+    dynamic_shape_nodes: int
+    suitability: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__, supported_pct=round(100 * self.supported / max(1, self.nodes), 1))
+
+
+def _shaped(path: Path) -> onnx.ModelProto:
+    model = onnx.load(str(path))
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def ep_coverage(path: Path, *, fixed: bool) -> list[Coverage]:
+    """How much of the graph NNAPI, CoreML (ML Program) and XNNPACK could take."""
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+
+    model = _shaped(path)
+    out = []
+    for name, info in (("nnapi", uc.check_nnapi_partitions(model, require_fixed_input_sizes=True)),
+                       ("coreml", uc.check_coreml_partitions(model, require_fixed_input_sizes=True,
+                                                              config_filename="coreml_supported_mlprogram_ops.md"))):
+        out.append(Coverage(name, info.num_nodes, info.num_supported_nodes, info.num_partitions,
+                            sorted(info.unsupported_ops), info.nodes_unsupported_due_to_dynamic_input,
+                            info.suitability().name))
+    nodes = list(model.graph.node)
+    ok = [n for n in nodes if n.op_type in XNNPACK_OPS and n.domain in ("", "ai.onnx")]
+    out.append(Coverage("xnnpack", len(nodes), len(ok), _runs(nodes, {id(n) for n in ok}),
+                        sorted({n.op_type for n in nodes} - XNNPACK_OPS), 0,
+                        "YES" if len(ok) > 0.75 * len(nodes) else "NO"))
+    return out
+
+
+def _runs(nodes, ok_ids) -> int:
+    """Partitions approximated as maximal runs of supported nodes in topological order."""
+    runs, inside = 0, False
+    for n in nodes:
+        if id(n) in ok_ids and not inside:
+            runs += 1
+        inside = id(n) in ok_ids
+    return runs
+
+
+def make_fixed_decode(src: Path, dst: Path, past_len: int) -> None:
+    """A decode-step variant with every dimension fixed: batch 1, one new token, a past of
+    ``past_len`` slots. Apps keep the past as a left-padded sliding window: unused slots are zeros
+    with attention_mask 0, and after each step they drop the oldest slot of present."""
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
+
+    from edgegpt.contract import BATCH, PAST, SEQ, TOTAL
+
+    from edgegpt.export.graph import ort_optimize
+
+    model = onnx.load(str(src))
+    for param, value in ((BATCH, 1), (SEQ, 1), (PAST, past_len), (TOTAL, past_len + 1)):
+        make_dim_param_fixed(model.graph, param, value)
+    fix_output_shapes(model)
+    staged = dst.with_name(dst.stem + ".unfolded.onnx")
+    onnx.save_model(model, str(staged))
+    # With every shape static, the mask / position / reshape arithmetic folds into constants.
+    ort_optimize(staged, dst)
+    staged.unlink()
+
+
+def to_ort_format(src: Path, dst_dir: Path, *, runtime_optimizations: bool) -> tuple[Path, Path]:
+    """Convert with onnxruntime.tools.convert_onnx_models_to_ort. Runtime-optimization style for
+    targets with an accelerator EP (it can claim nodes before CPU-only fusions are applied), fixed
+    style otherwise. Returns (the .ort file, its required_operators.config)."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    style = OptimizationStyle.Runtime if runtime_optimizations else OptimizationStyle.Fixed
+    with tempfile.TemporaryDirectory(prefix="edgegpt-ort-") as work:
+        staged = Path(work) / "in" / src.name
+        staged.parent.mkdir()
+        shutil.copy2(src, staged)
+        out = Path(work) / "out"
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
+            convert_onnx_models_to_ort(staged, out, [style], target_platform="arm")
+        ort_files = sorted(out.glob("*.ort"))
+        configs = sorted(out.glob("*.config"))
+        if not ort_files or not configs:
+            raise RuntimeError(f"onnxruntime's ORT-format conversion of {src.name} produced no .ort file")
+        ort_dst = dst_dir / (src.stem + ".ort")
+        cfg_dst = dst_dir / (src.stem + ".required_operators.config")
+        shutil.move(str(ort_files[0]), ort_dst)
+        shutil.move(str(configs[0]), cfg_dst)
+    return ort_dst, cfg_dst
