@@ -155,6 +155,9 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
 @click.option("--graph", type=click.Choice(["fused", "traced"]), default="fused", show_default=True,
               help="fused: built with onnxruntime contrib ops (fastest on CPU/CUDA); traced: torch.onnx standard ops "
                    "(NNAPI, CoreML, QNN, XNNPACK, other runtimes).")
+@click.option("--kv-cache", type=click.Choice(["concat", "shared"]), default="concat", show_default=True,
+              help="concat: present = past + new (every runtime, Optimum too); shared: one fixed-capacity buffer "
+                   "updated in place (fused graph; edgegpt.runtime and onnxruntime-genai).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 is the first with LayerNormalization).")
 @click.option("--last-logits-only", is_flag=True,
               help="Logits for the last position only (faster prefill; no perplexity or Optimum use). Recorded in the manifest.")
@@ -165,13 +168,14 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle dir.")
 @click.option("--keep-failed", is_flag=True, help="Keep a bundle that fails verification (still exits non-zero).")
 @friendly_errors
-def export(model, out, graph, opset, last_logits_only, external_data, decode_steps, atol, overwrite, keep_failed):
+def export(model, out, graph, kv_cache, opset, last_logits_only, external_data, decode_steps, atol, overwrite,
+           keep_failed):
     """Export a checkpoint to a verified ONNX bundle with KV-cache inputs."""
     from edgegpt.export.bundle import export_bundle
     from edgegpt.export.inspect import describe
     from edgegpt.export.onnx_export import ExportOptions
 
-    export_bundle(model, out, ExportOptions(opset, last_logits_only, external_data, graph), overwrite=overwrite,
+    export_bundle(model, out, ExportOptions(opset, last_logits_only, external_data, graph, kv_cache), overwrite=overwrite,
                   keep_failed=keep_failed, decode_steps=decode_steps, atol=atol)
     click.echo(describe(out))
 

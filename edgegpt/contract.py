@@ -44,10 +44,14 @@ def output_names(n_layer: int) -> list[str]:
 
 
 def io_spec(n_layer: int, n_head: int, head_dim: int, vocab_size: int, *, kv_dtype: str = "float32",
-            logits_dtype: str = "float32", last_logits_only: bool = False) -> dict:
-    """Names, dtypes and symbolic shapes of every input and output, as the manifest records them."""
-    kv_in = [BATCH, n_head, PAST, head_dim]
-    kv_out = [BATCH, n_head, TOTAL, head_dim]
+            logits_dtype: str = "float32", last_logits_only: bool = False, kv_capacity: int | None = None) -> dict:
+    """Names, dtypes and symbolic shapes of every input and output, as the manifest records them.
+
+    With ``kv_capacity`` (the shared-buffer layout) past and present are the same fixed-size
+    buffer of ``kv_capacity`` slots; attention_mask's width says how many are filled.
+    """
+    kv_in = [BATCH, n_head, kv_capacity or PAST, head_dim]
+    kv_out = [BATCH, n_head, kv_capacity or TOTAL, head_dim]
     inputs = [
         {"name": INPUT_IDS, "dtype": "int64", "shape": [BATCH, SEQ]},
         {"name": ATTENTION_MASK, "dtype": "int64", "shape": [BATCH, TOTAL]},

@@ -63,11 +63,13 @@ def genai_config(cfg: GPTConfig, kv_dtype: str = "float32") -> dict:
     }
 
 
-def write_side_files(dest: Path, cfg: GPTConfig, tok, kv_dtype: str = "float32") -> None:
+def write_side_files(dest: Path, cfg: GPTConfig, tok, kv_dtype: str = "float32", shared_kv: bool = False) -> None:
     tok.save(str(dest / TOKENIZER_FILE))
     (dest / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
     (dest / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
-    (dest / "genai_config.json").write_text(json.dumps(genai_config(cfg, kv_dtype), indent=2) + "\n")
+    gc = genai_config(cfg, kv_dtype)
+    gc["search"]["past_present_share_buffer"] = shared_kv
+    (dest / "genai_config.json").write_text(json.dumps(gc, indent=2) + "\n")
 
 
 def export_bundle(model_dir: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), *,
@@ -85,7 +87,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, options: ExportOptions
         t0 = time.perf_counter()
         graph = export_graph(model, tmp, options)
         export_s = time.perf_counter() - t0
-        write_side_files(tmp, cfg, tok)
+        write_side_files(tmp, cfg, tok, shared_kv=options.kv_cache == "shared")
         manifest = {
             "created_by": f"edgegpt {__version__}",
             "architecture": architecture(cfg),
@@ -95,7 +97,8 @@ def export_bundle(model_dir: str | Path, out: str | Path, options: ExportOptions
             "recipe": {"name": "fp32"},
             "graph": graph,
             "io": contract.io_spec(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size,
-                                   last_logits_only=options.last_logits_only),
+                                   last_logits_only=options.last_logits_only,
+                                   kv_capacity=cfg.n_positions if options.kv_cache == "shared" else None),
             "source": {"checkpoint": str(model_dir.resolve()), "sha256": checkpoint_hash(model_dir)},
             "export_seconds": round(export_s, 2),
         }

@@ -49,7 +49,11 @@ class _Graph:
         return outputs
 
 
-def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17) -> onnx.ModelProto:
+def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17,
+                shared_kv: bool = False) -> onnx.ModelProto:
+    """shared_kv: GroupQueryAttention over a fixed-capacity KV buffer (n_positions slots) that is
+    both the past input and the present output: each step writes only its new K/V in place instead
+    of copying the whole cache into a fresh present (MultiHeadAttention's concat semantics)."""
     cfg = model.config
     sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     g = _Graph()
@@ -60,7 +64,21 @@ def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17) 
     g.node("Gather", [wte, contract.INPUT_IDS], ["/model/wte/out"], "/model/wte/Gather")
     g.node("Gather", [wpe, contract.POSITION_IDS], ["/model/wpe/out"], "/model/wpe/Gather")
     g.node("Add", ["/model/wte/out", "/model/wpe/out"], ["/model/embed/out"], "/model/embed/Add")
-    g.node("Cast", [contract.ATTENTION_MASK], ["/model/mask/int32"], "/model/mask/Cast", to=TensorProto.INT32)
+    if shared_kv:
+        # GroupQueryAttention reads lengths, not a mask: seqlens_k = tokens so far - 1, and the total
+        # length is the mask's width. Prompts are never padded on this path (the runtime runs
+        # prompts of different lengths one at a time).
+        g.node("ReduceSum", [contract.ATTENTION_MASK, g.init("/model/mask/axis", np.array([1], np.int64))],
+               ["/model/mask/len"], "/model/mask/ReduceSum", keepdims=0)
+        g.node("Sub", ["/model/mask/len", g.init("/model/mask/one", np.array(1, np.int64))], ["/model/mask/len_m1"],
+               "/model/mask/Sub")
+        g.node("Cast", ["/model/mask/len_m1"], ["/model/mask/seqlens_k"], "/model/mask/Cast_seqlens",
+               to=TensorProto.INT32)
+        g.node("Shape", [contract.ATTENTION_MASK], ["/model/mask/total64"], "/model/mask/Shape", start=1, end=2)
+        g.node("Cast", ["/model/mask/total64"], ["/model/mask/total1"], "/model/mask/Cast_total", to=TensorProto.INT32)
+        g.node("Squeeze", ["/model/mask/total1"], ["/model/mask/total"], "/model/mask/Squeeze")
+    else:
+        g.node("Cast", [contract.ATTENTION_MASK], ["/model/mask/int32"], "/model/mask/Cast", to=TensorProto.INT32)
     gelu = "FastGelu" if cfg.activation_function != "gelu" else "BiasGelu"
 
     def w(name: str) -> np.ndarray:  # nn.Linear (out, in) -> MatMul B (in, out)
@@ -81,14 +99,23 @@ def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17) 
         qkv_w = g.init(p + "attn.c_attn.weight_t", w(p + "attn.c_attn.weight"))
         qkv_b = g.init(p + "attn.c_attn.bias", sd[p + "attn.c_attn.bias"])
         g.node("MatMul", [f"{h}/ln_1/out", qkv_w], [f"{h}/attn/qkv"], f"{h}/attn/c_attn/MatMul")
+        qkv = f"{h}/attn/qkv"
+        if shared_kv:  # GroupQueryAttention takes no bias input
+            g.node("Add", [qkv, qkv_b], [f"{h}/attn/qkv_b"], f"{h}/attn/c_attn/Add")
+            qkv = f"{h}/attn/qkv_b"
         split = g.init(f"{h}/attn/split_sizes", np.array([cfg.n_embd] * 3, np.int64))
-        g.node("Split", [f"{h}/attn/qkv", split], [f"{h}/attn/q", f"{h}/attn/k", f"{h}/attn/v"], f"{h}/attn/Split",
-               axis=-1)
-        g.node("MultiHeadAttention",
-               [f"{h}/attn/q", f"{h}/attn/k", f"{h}/attn/v", qkv_b, "/model/mask/int32", "",
-                contract.PAST_KEY.format(i), contract.PAST_VALUE.format(i)],
-               [f"{h}/attn/out", contract.PRESENT_KEY.format(i), contract.PRESENT_VALUE.format(i)],
-               f"{h}/attn/MultiHeadAttention", domain=MS, num_heads=cfg.n_head, unidirectional=1)
+        g.node("Split", [qkv, split], [f"{h}/attn/q", f"{h}/attn/k", f"{h}/attn/v"], f"{h}/attn/Split", axis=-1)
+        present = [f"{h}/attn/out", contract.PRESENT_KEY.format(i), contract.PRESENT_VALUE.format(i)]
+        if shared_kv:
+            g.node("GroupQueryAttention",
+                   [f"{h}/attn/q", f"{h}/attn/k", f"{h}/attn/v", contract.PAST_KEY.format(i),
+                    contract.PAST_VALUE.format(i), "/model/mask/seqlens_k", "/model/mask/total"],
+                   present, f"{h}/attn/GroupQueryAttention", domain=MS, num_heads=cfg.n_head, kv_num_heads=cfg.n_head)
+        else:
+            g.node("MultiHeadAttention",
+                   [f"{h}/attn/q", f"{h}/attn/k", f"{h}/attn/v", qkv_b, "/model/mask/int32", "",
+                    contract.PAST_KEY.format(i), contract.PAST_VALUE.format(i)],
+                   present, f"{h}/attn/MultiHeadAttention", domain=MS, num_heads=cfg.n_head, unidirectional=1)
         proj_w = g.init(p + "attn.c_proj.weight_t", w(p + "attn.c_proj.weight"))
         g.node("MatMul", [f"{h}/attn/out", proj_w], [f"{h}/attn/proj"], f"{h}/attn/c_proj/MatMul")
         ln2_g, ln2_b = g.init(p + "ln_2.weight", sd[p + "ln_2.weight"]), g.init(p + "ln_2.bias", sd[p + "ln_2.bias"])
@@ -125,7 +152,8 @@ def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17) 
     g.node("Reshape", ["/model/lm_head/logits2d", "/model/lm_head/out_shape"], [contract.LOGITS],
            "/model/lm_head/Reshape_out")
 
-    spec = contract.io_spec(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size, last_logits_only=last_logits_only)
+    spec = contract.io_spec(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size, last_logits_only=last_logits_only,
+                            kv_capacity=cfg.n_positions if shared_kv else None)
     types = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
     inputs = [helper.make_tensor_value_info(x["name"], types[x["dtype"]], x["shape"]) for x in spec["inputs"]]
     outputs = [helper.make_tensor_value_info(x["name"], types[x["dtype"]], x["shape"]) for x in spec["outputs"]]

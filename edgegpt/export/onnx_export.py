@@ -44,6 +44,10 @@ class ExportOptions:
     # SkipLayerNormalization, FastGelu): the fastest on CPU/CUDA. traced: torch.onnx's standard-op
     # graph, for providers that lack the contrib ops (NNAPI, CoreML, QNN, XNNPACK, other runtimes).
     graph: str = "fused"
+    # concat: present = past + new (any runtime, Optimum included); shared: one fixed-capacity buffer
+    # per layer that is both past and present, updated in place (fused graph only; edgegpt.runtime
+    # and onnxruntime-genai's past_present_share_buffer).
+    kv_cache: str = "concat"
 
 
 class _ContractWrapper(torch.nn.Module):
@@ -87,6 +91,13 @@ def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
     check_opset(options.opset)
     if options.graph not in GRAPHS:
         raise ExportError(f"graph must be one of {', '.join(GRAPHS)}, got {options.graph!r}")
+    if options.kv_cache not in ("concat", "shared"):
+        raise ExportError(f"kv_cache must be concat or shared, got {options.kv_cache!r}")
+    if options.kv_cache == "shared" and options.graph != "fused":
+        raise ExportError("--kv-cache shared needs --graph fused (GroupQueryAttention updates the buffer in place)")
+    if options.kv_cache == "shared" and model.config.head_dim % 8:
+        raise ExportError(f"--kv-cache shared needs head_dim divisible by 8 (GroupQueryAttention), got "
+                          f"{model.config.head_dim}; use --kv-cache concat")
     n_layer = model.config.n_layer
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = options.external_data == "always" or (
@@ -138,7 +149,8 @@ def _export_fused(model: GPT, dest: Path, options: ExportOptions, external: bool
     from edgegpt.export.fused import build_fused
     from edgegpt.manifest import MODEL_FILE
 
-    m = build_fused(model.eval(), last_logits_only=options.last_logits_only, opset=options.opset)
+    shared = options.kv_cache == "shared"
+    m = build_fused(model.eval(), last_logits_only=options.last_logits_only, opset=options.opset, shared_kv=shared)
     out = dest / MODEL_FILE
     g.save_model(m, out, external=external)
     return {
@@ -147,7 +159,8 @@ def _export_fused(model: GPT, dest: Path, options: ExportOptions, external: bool
         "exporter": "edgegpt fused builder (onnxruntime contrib ops)",
         "opset": options.opset,
         "options": {"graph": "fused", "last_logits_only": options.last_logits_only,
-                    "fused_attention": "com.microsoft.MultiHeadAttention", "shared_kv_buffer": False},
+                    "fused_attention": "com.microsoft." + ("GroupQueryAttention" if shared else "MultiHeadAttention"),
+                    "shared_kv_buffer": shared, "kv_capacity": model.config.n_positions if shared else None},
         "lm_head_tied": True,
         "op_counts": g.op_counts(m),
     }

@@ -48,7 +48,9 @@ def onnx_step(sess, manifest: dict, ids: np.ndarray, past: Optional[list], past_
     kv_dtype = _np_dtype(manifest["io"]["inputs"][3]["dtype"])
     T = ids.shape[1]
     if past is None:
-        past = [np.zeros((1, arch["n_head"], 0, arch["head_dim"]), kv_dtype) for _ in range(2 * n_layer)]
+        opts = manifest["graph"].get("options", {})
+        slots = opts.get("kv_capacity") if opts.get("shared_kv_buffer") else 0
+        past = [np.zeros((1, arch["n_head"], slots, arch["head_dim"]), kv_dtype) for _ in range(2 * n_layer)]
     feed = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones((1, past_len + T), np.int64),
             contract.POSITION_IDS: np.arange(past_len, past_len + T, dtype=np.int64)[None]}
     feed.update(zip(contract.past_names(n_layer), past))

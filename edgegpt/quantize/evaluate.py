@@ -67,7 +67,7 @@ def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 def _logits(sess: ModelSession, ids: np.ndarray) -> np.ndarray:
     feed = {contract.INPUT_IDS: ids[None], contract.ATTENTION_MASK: np.ones((1, len(ids)), np.int64),
             contract.POSITION_IDS: np.arange(len(ids), dtype=np.int64)[None]}
-    empty = np.zeros((1, sess.n_head, 0, sess.head_dim), sess.kv_dtype)
+    empty = sess.empty_past_numpy(1)
     feed.update({name: empty for name in contract.past_names(sess.n_layer)})
     return sess.forward_numpy(feed)[0][0].astype(np.float32)
 

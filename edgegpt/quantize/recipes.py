@@ -187,7 +187,7 @@ class Int8Static(Recipe):
             raise QuantizeError(f"the calibration text is {len(ids)} tokens, shorter than one window of {window}; "
                                 f"give more text")
         starts = np.linspace(0, len(ids) - window, num=min(self.calibration_windows, len(ids) // window + 1)).astype(int)
-        empty = np.zeros((1, sess.n_head, 0, sess.head_dim), np.float32)
+        empty = sess.empty_past_numpy(1)
 
         class Reader(CalibrationDataReader):
             def __init__(self):

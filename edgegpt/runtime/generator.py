@@ -86,6 +86,9 @@ class Generator:
         """Yield the next token of every row, (B,) int64, once per step; rows that finished
         (eos / stop token) yield pad_token_id. Stops when every row has finished."""
         prompts = self._check_prompts([list(map(int, p)) for p in prompts], cfg)
+        if self.session.kv_capacity and len({len(p) for p in prompts}) > 1:
+            raise ValueError("this bundle's shared KV buffer takes no padding: give prompts of one length per call "
+                             "(generate_ids / generate run them one at a time)")
         params = cfg.params
         stop_ids = set(cfg.stop_token_ids)
         if self.eos_token_id is not None and not cfg.ignore_eos:
@@ -126,6 +129,8 @@ class Generator:
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, **kw) -> list[list[int]]:
         """New ids per prompt; a row ends at (and includes) its first stop/eos token."""
         cfg = self._config(max_new_tokens, **kw)
+        if self.session.kv_capacity and len({len(p) for p in prompts}) > 1:
+            return [self.generate_ids([p], max_new_tokens, **kw)[0] for p in prompts]
         rows: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
         stops = set(cfg.stop_token_ids) | ({self.eos_token_id} if self.eos_token_id is not None

@@ -74,7 +74,10 @@ class ModelSession:
             raise BundleError(f"{self.bundle}: edgegpt.json's inputs/outputs do not match the edgegpt contract "
                               f"({sorted(set(io) ^ want)[:3]}); re-run `edgegpt export`")
         self.kv_dtype = NP_DTYPES[io[contract.PAST_KEY.format(0)]["dtype"]]
-        self.last_logits_only = bool(m["graph"].get("options", {}).get("last_logits_only"))
+        options = m["graph"].get("options", {})
+        self.last_logits_only = bool(options.get("last_logits_only"))
+        # shared: past and present are one fixed-capacity buffer per layer, updated in place
+        self.kv_capacity = options.get("kv_capacity") if options.get("shared_kv_buffer") else None
         self.provider, plist = prov.resolve(provider, fallback=fallback, options=provider_options)
         self.device = prov.DEVICE.get(self.provider, "cpu")
         so = session_options(threads, spinning=spinning, optimization=optimization, config=session_config)
@@ -101,9 +104,14 @@ class ModelSession:
                 raise BundleError(f"{self.bundle}: {name} is {graph[name]} in the graph but {spec['dtype']} in "
                                   f"edgegpt.json; re-run `edgegpt export`")
 
+    def empty_past_numpy(self, batch: int) -> np.ndarray:
+        """Zeros for every past input before the first step: 0 slots, or the shared buffer's capacity."""
+        return np.zeros((batch, self.n_head, self.kv_capacity or 0, self.head_dim), self.kv_dtype)
+
     def empty_past(self, batch: int) -> list[ort.OrtValue]:
-        z = np.zeros((batch, self.n_head, 0, self.head_dim), self.kv_dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(z, self.device, 0) for _ in range(2 * self.n_layer)]
+        z = self.empty_past_numpy(batch)
+        return [ort.OrtValue.ortvalue_from_numpy(z.copy() if self.kv_capacity else z, self.device, 0)
+                for _ in range(2 * self.n_layer)]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
@@ -119,14 +127,18 @@ class ModelSession:
         for name, value in zip(self._past_names, past):
             b.bind_ortvalue_input(name, value)
         b.bind_output(contract.LOGITS, "cpu")
-        for name in self._present_names:
-            b.bind_output(name, self.device)
+        if self.kv_capacity:  # present *is* past: the kernel writes the new slots in place
+            for name, value in zip(self._present_names, past):
+                b.bind_ortvalue_output(name, value)
+        else:
+            for name in self._present_names:
+                b.bind_output(name, self.device)
         self.session.run_with_iobinding(b)
         outs = b.get_outputs()
         logits = outs[0].numpy()[:, -1, :]
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)
-        return logits, list(outs[1:])
+        return logits, (past if self.kv_capacity else list(outs[1:]))
 
     def forward_numpy(self, feed: dict) -> list[np.ndarray]:
         """Plain session.run for evaluation code that wants every position's logits."""

@@ -1,0 +1,66 @@
+"""Bundles with a shared (in-place) KV buffer: GroupQueryAttention over fixed-capacity past/present."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgegpt.errors import ExportError
+from edgegpt.export.bundle import export_bundle
+from edgegpt.export.onnx_export import ExportOptions
+from edgegpt.model import load_checkpoint
+from edgegpt.model.generate import generate_ids
+from edgegpt.quantize.evaluate import default_eval_text, evaluate
+from edgegpt.runtime import Generator
+
+
+@pytest.fixture(scope="module")
+def shared(hf_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shared") / "b"
+    return out, export_bundle(hf_checkpoint("gpt2-like"), out, ExportOptions(kv_cache="shared"))
+
+
+def test_shared_bundle_is_recorded_and_verified(shared):
+    _, m = shared
+    opts = m["graph"]["options"]
+    assert opts["shared_kv_buffer"] and opts["kv_capacity"] == 256
+    assert opts["fused_attention"] == "com.microsoft.GroupQueryAttention"
+    assert m["io"]["inputs"][3]["shape"] == ["batch_size", 4, 256, 24]
+    assert m["verification"]["passed"] and m["verification"]["greedy_identical"]
+
+
+def test_runtime_updates_the_buffer_in_place_and_matches_pytorch(shared, hf_checkpoint):
+    out, _ = shared
+    gen = Generator.load(out)
+    s = gen.session
+    past = s.empty_past(1)
+    ptr = past[0].data_ptr()
+    _, after = s.step(np.array([[1, 2, 3]]), np.ones((1, 3), np.int64), np.arange(3)[None], past)
+    _, after = s.step(np.array([[4]]), np.ones((1, 4), np.int64), np.array([[3]]), after)
+    assert after[0].data_ptr() == ptr and isinstance(after[0], ort.OrtValue)  # no new allocation per step
+    model, tok = load_checkpoint(hf_checkpoint("gpt2-like"))
+    for prompt in ("The try statement", "x"):
+        ids = tok.encode(prompt).ids
+        assert gen.generate_ids([ids], 40, ignore_eos=True)[0] == generate_ids(model, ids, 40)
+
+
+def test_prompts_of_different_lengths_run_one_at_a_time(shared):
+    gen = Generator.load(shared[0])
+    prompts = ["The try statement", "A"]
+    assert gen.generate(prompts, 8, ignore_eos=True) == [gen.generate(p, 8, ignore_eos=True) for p in prompts]
+    with pytest.raises(ValueError, match="takes no padding"):
+        next(gen.iter_ids([[1, 2], [3]], gen._config(4)))
+
+
+def test_perplexity_is_the_same_as_the_concat_bundle(shared, hf_checkpoint, tmp_path):
+    concat = tmp_path / "concat"
+    export_bundle(hf_checkpoint("gpt2-like"), concat)
+    text = default_eval_text()
+    a = evaluate(shared[0], text, max_tokens=600)
+    b = evaluate(concat, text, max_tokens=600)
+    assert a.perplexity == pytest.approx(b.perplexity, rel=1e-5)
+
+
+def test_shared_kv_refusals(hf_checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="needs --graph fused"):
+        export_bundle(hf_checkpoint("small-vocab"), tmp_path / "x", ExportOptions(graph="traced", kv_cache="shared"))
+    assert not (tmp_path / "x").exists()
