@@ -109,10 +109,10 @@ class Generator:
         full_mask = np.ones((B, total), dtype=np.int64)
         full_mask[:, : ids.shape[1]] = mask
         done = np.zeros(B, dtype=bool)
-        past = self.session.empty_past(B)
+        cache = self.session.start(B)
         step_ids, step_pos, length = ids, pos, ids.shape[1]
         for _ in range(cfg.max_new_tokens):
-            logits, past = self.session.step(step_ids, np.ascontiguousarray(full_mask[:, :length]), step_pos, past)
+            logits = cache.step(step_ids, np.ascontiguousarray(full_mask[:, :length]), step_pos)
             nxt = select_next(logits, params, rng, seen)
             nxt[done] = self.pad_token_id
             if seen is not None:

@@ -113,33 +113,77 @@ class ModelSession:
         return [ort.OrtValue.ortvalue_from_numpy(z.copy() if self.kv_capacity else z, self.device, 0)
                 for _ in range(2 * self.n_layer)]
 
+    def start(self, batch: int) -> "KVCache":
+        """A fresh, empty KV cache (and IO binding) for one generation of ``batch`` rows."""
+        return KVCache(self, batch)
+
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        """One forward pass. Returns logits of the last position (B, V) float32 and present.
-
-        present stays in OrtValues allocated by onnxruntime on the provider's device (on CUDA the
-        cache never comes to the host); only the small ids/mask arrays and the logits cross.
-        """
-        b = self.session.io_binding()
-        b.bind_cpu_input(contract.INPUT_IDS, input_ids)
-        b.bind_cpu_input(contract.ATTENTION_MASK, attention_mask)
-        b.bind_cpu_input(contract.POSITION_IDS, position_ids)
-        for name, value in zip(self._past_names, past):
-            b.bind_ortvalue_input(name, value)
-        b.bind_output(contract.LOGITS, "cpu")
-        if self.kv_capacity:  # present *is* past: the kernel writes the new slots in place
-            for name, value in zip(self._present_names, past):
-                b.bind_ortvalue_output(name, value)
-        else:
-            for name in self._present_names:
-                b.bind_output(name, self.device)
-        self.session.run_with_iobinding(b)
-        outs = b.get_outputs()
-        logits = outs[0].numpy()[:, -1, :]
-        if logits.dtype != np.float32:
-            logits = logits.astype(np.float32)
-        return logits, (past if self.kv_capacity else list(outs[1:]))
+        """One stateless forward pass over an explicit past (a list of OrtValues); returns the last
+        position's logits (B, V) and present. Generation uses ``start()`` instead, which keeps one
+        binding for the whole loop."""
+        cache = KVCache(self, input_ids.shape[0], past=past)
+        logits = cache.step(input_ids, attention_mask, position_ids)
+        return logits.copy(), cache.past
 
     def forward_numpy(self, feed: dict) -> list[np.ndarray]:
         """Plain session.run for evaluation code that wants every position's logits."""
         return self.session.run(self._output_names, feed)
+
+
+class KVCache:
+    """The KV cache of one generation, kept in OrtValues behind IO binding.
+
+    Concat layout: each step's present (allocated by onnxruntime on the provider's device) becomes
+    the next step's past without touching numpy. Shared layout: the past/present buffers are bound
+    once, on both sides, and updated in place by the kernel, so a decode step rebinds only the
+    three small int64 inputs. Decode-step logits land in a preallocated buffer in both layouts.
+    (Rebinding an existing name on a live onnxruntime IOBinding is not reliable, so every change
+    clears that side of the binding first.)
+    """
+
+    def __init__(self, session: ModelSession, batch: int, past: Optional[list[ort.OrtValue]] = None):
+        self.s = session
+        self.binding = session.session.io_binding()
+        self.past = past if past is not None else session.empty_past(batch)
+        logits_dtype = np.float16 if session.manifest["io"]["outputs"][0]["dtype"] == "float16" else np.float32
+        self._logits = np.empty((batch, 1, session.vocab_size), logits_dtype)
+        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
+        self._outputs_for = None  # which logits binding the outputs were last bound for
+
+    def _bind_outputs(self, one_row: bool) -> None:
+        s, b = self.s, self.binding
+        b.clear_binding_outputs()
+        if one_row:
+            b.bind_ortvalue_output(contract.LOGITS, self._logits_value)
+        else:
+            b.bind_output(contract.LOGITS, "cpu")
+        for name, value in zip(s._present_names, self.past):
+            if s.kv_capacity:  # present *is* past: the kernel writes the new slots in place
+                b.bind_ortvalue_output(name, value)
+            else:
+                b.bind_output(name, s.device)
+        self._outputs_for = one_row
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Run one step; returns the last position's logits (B, V) float32. The array may be
+        overwritten by the next step: consume it first."""
+        s, b = self.s, self.binding
+        one_row = input_ids.shape[1] == 1 or s.last_logits_only
+        b.clear_binding_inputs()
+        b.bind_cpu_input(contract.INPUT_IDS, input_ids)
+        b.bind_cpu_input(contract.ATTENTION_MASK, attention_mask)
+        b.bind_cpu_input(contract.POSITION_IDS, position_ids)
+        for name, value in zip(s._past_names, self.past):
+            b.bind_ortvalue_input(name, value)
+        if not s.kv_capacity or self._outputs_for is not one_row:
+            self._bind_outputs(one_row)  # concat: fresh presents every step
+        s.session.run_with_iobinding(b)
+        if one_row and s.kv_capacity:
+            logits = self._logits[:, -1, :]
+        else:
+            outs = b.get_outputs()
+            if not s.kv_capacity:  # concat layout: this step's present is the next step's past
+                self.past = list(outs[1:])
+            logits = self._logits[:, -1, :] if one_row else outs[0].numpy()[:, -1, :]
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
