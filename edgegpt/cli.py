@@ -257,10 +257,12 @@ def inspect(bundle):
 @click.option("--max-ppl-increase", type=float, default=None,
               help="Quality budget in percent [int8 1, fp16 1, int4 4, int8-static 5].")
 @click.option("--force", is_flag=True, help="Keep a result that is over its quality budget.")
+@click.option("--last-logits-only", is_flag=True,
+              help="After measuring quality, restrict the LM head to the last position (faster prefill; fused graphs).")
 @click.option("--overwrite", is_flag=True)
 @friendly_errors
 def quantize(bundle, out, mode, block_size, accuracy_level, lm_head, calibration, eval_text, max_ppl_increase, force,
-             overwrite):
+             last_logits_only, overwrite):
     """Write an int8 / int4 / fp16 / int8-static copy of an fp32 bundle, with its measured quality."""
     from edgegpt.export.inspect import describe
     from edgegpt.model.data import read_text
@@ -270,7 +272,7 @@ def quantize(bundle, out, mode, block_size, accuracy_level, lm_head, calibration
             "lm_head": lm_head}
     quantize_bundle(bundle, out, mode, options=opts, eval_text=read_text(eval_text) if eval_text else None,
                     calibration=read_text(calibration) if calibration else None, max_ppl_increase=max_ppl_increase,
-                    force=force, overwrite=overwrite)
+                    force=force, overwrite=overwrite, last_logits_only=last_logits_only)
     click.echo(describe(out))
 
 

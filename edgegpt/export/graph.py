@@ -104,3 +104,25 @@ def ort_optimize(src: Path, dst: Path, *, external_data_file: str | None = None)
         ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types per failure
         raise ExportError(f"onnxruntime could not load the graph {Path(src).name}: {e}".splitlines()[0]) from None
+
+
+def slice_last_position(model: onnx.ModelProto) -> bool:
+    """Make a fused-builder graph compute logits for the last position only: a Slice on the final
+    hidden state feeds the LM head (its Shape and Reshape, see fused.py). False when the graph is
+    not one the fused builder wrote."""
+    nodes = {n.name: n for n in model.graph.node}
+    shape, flat = nodes.get("/model/lm_head/Shape"), nodes.get("/model/lm_head/Reshape")
+    if shape is None or flat is None or shape.input[0] != flat.input[0]:
+        return False
+    hidden = flat.input[0]
+    consts = [numpy_helper.from_array(np.array(v, np.int64), f"/model/last/{k}")
+              for k, v in (("starts", [-1]), ("ends", [np.iinfo(np.int64).max]), ("axes", [1]))]
+    model.graph.initializer.extend(consts)
+    sl = helper.make_node("Slice", [hidden] + [c.name for c in consts], ["/model/last/out"], name="/model/last/Slice")
+    model.graph.node.insert(list(model.graph.node).index(shape), sl)
+    shape.input[0] = flat.input[0] = "/model/last/out"
+    for out in model.graph.output:
+        if out.name == "logits":
+            out.type.tensor_type.shape.dim[1].ClearField("dim_param")
+            out.type.tensor_type.shape.dim[1].dim_value = 1
+    return True

@@ -66,7 +66,9 @@ def _io_for(manifest: dict, kv_dtype: str) -> dict:
 def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Optional[dict] = None,
                     eval_text: Optional[str] = None, calibration: Optional[str] = None,
                     max_ppl_increase: Optional[float] = None, force: bool = False, overwrite: bool = False,
-                    eval_tokens: int = 4096) -> dict:
+                    eval_tokens: int = 4096, last_logits_only: bool = False) -> dict:
+    """Quantize ``src`` into ``out``. With ``last_logits_only`` the quality is measured on the full
+    graph, then the LM head is restricted to the last position (faster prefill for generation)."""
     src, out = Path(src), Path(out)
     manifest = read_manifest(src)
     check_output_dir(out, overwrite=overwrite, what="bundle", inputs=(src,))
@@ -115,9 +117,35 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
         new["files"] = file_table(tmp)
         new["size_bytes"] = sum(f["bytes"] for f in new["files"].values())
         new["source_size_bytes"] = manifest.get("size_bytes")
+        if last_logits_only:
+            _restrict_to_last_position(tmp, new)
         write_manifest(tmp, new)
         if increase > budget and not force:
             raise QuantizeError(f"{mode} raises perplexity by {increase:.2f}% ({ref.perplexity:.3f} -> "
                                 f"{res.perplexity:.3f}), over its budget of {budget}% by {increase - budget:.2f} points; "
                                 f"pass --force to keep it or --max-ppl-increase to change the budget")
     return read_manifest(out)
+
+
+def _restrict_to_last_position(tmp: Path, manifest: dict) -> None:
+    import onnx
+
+    from edgegpt.export.graph import slice_last_position
+    from edgegpt.runtime import Generator
+
+    full = Generator.load(tmp)
+    ids = full.encode(AGREEMENT_PROMPTS[0])
+    before = full.generate_ids([ids], 8, ignore_eos=True)[0]
+    del full
+    model = onnx.load(str(tmp / "model.onnx"))
+    if not slice_last_position(model):
+        raise QuantizeError("--last-logits-only needs a bundle exported with --graph fused")
+    onnx.save_model(model, str(tmp / "model.onnx"))
+    manifest["graph"] = dict(manifest["graph"], options=dict(manifest["graph"]["options"], last_logits_only=True))
+    manifest["io"]["outputs"][0]["shape"][1] = 1
+    manifest["files"] = file_table(tmp)
+    manifest["size_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
+    write_manifest(tmp, manifest)
+    if Generator.load(tmp).generate_ids([ids], 8, ignore_eos=True)[0] != before:
+        raise QuantizeError("restricting the logits to the last position changed the greedy tokens; "
+                            "quantize without --last-logits-only")

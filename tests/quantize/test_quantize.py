@@ -122,3 +122,21 @@ def test_quantize_and_eval_commands(trained_bundle, tmp_path):
     static = CliRunner().invoke(main, ["quantize", str(trained_bundle), "--out", str(tmp_path / "s"), "--mode",
                                        "int8-static"])
     assert static.exit_code == 1 and "--calibration" in static.output
+
+
+def test_last_logits_only_is_applied_after_measuring_quality(trained_checkpoint, tmp_path):
+    from edgegpt.export.bundle import export_bundle
+    from edgegpt.export.onnx_export import ExportOptions
+
+    src = tmp_path / "shared"
+    export_bundle(trained_checkpoint, src, ExportOptions(kv_cache="shared"))
+    m = quantize_bundle(src, tmp_path / "q", "int8", eval_tokens=EVAL_TOKENS, last_logits_only=True)
+    assert m["graph"]["options"]["last_logits_only"] and m["io"]["outputs"][0]["shape"][1] == 1
+    assert m["quality"]["ppl_increase_pct"] <= 1.0
+    full = quantize_bundle(src, tmp_path / "full", "int8", eval_tokens=EVAL_TOKENS)
+    ids = Generator.load(src).encode("The while statement")
+    assert Generator.load(tmp_path / "q").generate_ids([ids], 16, ignore_eos=True) == \
+        Generator.load(tmp_path / "full").generate_ids([ids], 16, ignore_eos=True)
+    assert full["quality"]["perplexity"] == m["quality"]["perplexity"]
+    with pytest.raises(QuantizeError, match="last-logits-only"):
+        evaluate(tmp_path / "q", default_eval_text())
