@@ -76,17 +76,21 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
         raise BenchError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)}")
     labels = _labels(cfg.bundles, manifests)
     systems: list[System] = [EdgeGPT(b, cfg.threads, cfg.provider, label) for b, label in zip(cfg.bundles, labels)]
-    first = cfg.bundles[0]
+    # Optimum needs the plain contract (a growing past, every position's logits): the first such bundle.
+    plain = next((b for b, m in zip(cfg.bundles, manifests)
+                  if not m["graph"]["options"].get("shared_kv_buffer") and not m["graph"]["options"].get("last_logits_only")),
+                 None)
     for b in cfg.baselines:
         if b == "torch":
             src = cfg.checkpoint or manifests[0].get("source", {}).get("checkpoint")
             if not src:
                 raise BenchError("--baseline torch needs the checkpoint the bundle came from: pass --checkpoint DIR")
             systems.append(TorchEager(src, cfg.threads))
-        elif b == "optimum":
-            systems.append(Optimum(first, cfg.threads))
-        elif b == "genai":
-            systems.append(GenAI(first, cfg.threads))
+        elif b == "optimum" or b == "genai":
+            if plain is None:
+                raise BenchError(f"--baseline {b} runs the standard contract: add a bundle exported with "
+                                 f"--kv-cache concat and without --last-logits-only")
+            systems.append(Optimum(plain, cfg.threads) if b == "optimum" else GenAI(plain, cfg.threads))
     sizes = {label: bundle_size(b) for b, label in zip(cfg.bundles, labels)}
     sweep = {}
     for c in cfg.sweep:
