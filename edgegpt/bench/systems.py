@@ -9,6 +9,7 @@ clear BenchError naming it.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Optional
 
@@ -19,15 +20,17 @@ class BenchError(EdgeGPTError):
     """A benchmark cannot run as asked (missing package, checkpoint instead of bundle, ...)."""
 
 
-class System:
+class System(ABC):
     label: str = ""
     kind: str = ""
 
+    @abstractmethod
     def load(self) -> None:
-        raise NotImplementedError  # abstract: every registered system overrides it
+        """Build the system (timed as its load time)."""
 
+    @abstractmethod
     def run(self, prompts: list[list[int]], new_tokens: int) -> list[float]:
-        raise NotImplementedError  # abstract: every registered system overrides it
+        """Generate exactly new_tokens per prompt; the perf_counter time at which each token was ready."""
 
 
 class EdgeGPT(System):

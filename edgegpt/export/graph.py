@@ -126,3 +126,23 @@ def slice_last_position(model: onnx.ModelProto) -> bool:
             out.type.tensor_type.shape.dim[1].ClearField("dim_param")
             out.type.tensor_type.shape.dim[1].dim_value = 1
     return True
+
+
+def topological_sort(model: onnx.ModelProto) -> None:
+    """Order the nodes so every input is produced before it is read (onnxruntime's float16
+    converter appends its Casts at the end; tools that walk the list in order then fail)."""
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending, ordered = list(model.graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ExportError(f"the graph has a cycle or an unproduced input near node {rest[0].name!r}")
+        pending = rest
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)

@@ -107,8 +107,14 @@ def to_ort_format(src: Path, dst_dir: Path, *, runtime_optimizations: bool) -> t
         staged.parent.mkdir()
         shutil.copy2(src, staged)
         out = Path(work) / "out"
-        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
-            convert_onnx_models_to_ort(staged, out, [style], target_platform="arm")
+        quiet = logging.getLogger("ort_format_model.utils")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
+                convert_onnx_models_to_ort(staged, out, [style], target_platform="arm")
+        finally:
+            quiet.setLevel(level)
         ort_files = sorted(out.glob("*.ort"))
         configs = sorted(out.glob("*.config"))
         if not ort_files or not configs:

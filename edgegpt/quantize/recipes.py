@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import platform
-from dataclasses import dataclass, field
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
 
@@ -67,15 +68,15 @@ def untie_lm_head(model: onnx.ModelProto) -> Optional[str]:
 
 
 @dataclass
-class Recipe:
+class Recipe(ABC):
     name: ClassVar[str]
     budget_pct: ClassVar[float]  # default max perplexity increase over fp32, percent
     kv_dtype: ClassVar[str] = "float32"
     targets: ClassVar[str] = "cpu"
 
+    @abstractmethod
     def apply(self, src: Path, dst: Path, *, calibration: Optional[str] = None) -> dict:
         """Write the quantized graph to dst (model.onnx); return the recipe's manifest section."""
-        raise NotImplementedError  # abstract: every registered recipe overrides it
 
     def describe(self) -> dict:
         return {"name": self.name, **{k: v for k, v in self.__dict__.items()}}
@@ -156,6 +157,9 @@ class Fp16(Recipe):
         blocked = ["LayerNormalization", "Softmax"]
         model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=blocked)
         _unique_node_names(model)
+        from edgegpt.export.graph import topological_sort
+
+        topological_sort(model)
         onnx.save_model(model, str(dst))
         return {**self.describe(), "fp32_ops": blocked, "fp32_io": keep}
 

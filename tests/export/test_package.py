@@ -103,6 +103,12 @@ def test_cpu_and_cuda_packages_pick_their_precision(traced, tmp_path):
     assert Generator.load(tmp_path / "cuda").generate("The", 4, ignore_eos=True)  # runs on CPU too, slowly
 
 
+def test_ios_package_defaults_to_fp16_with_a_float16_cache(traced, tmp_path):
+    m = package_bundle(traced, "ios", tmp_path / "ios")
+    assert m["precision"] == "fp16" and m["io"]["inputs"][3]["dtype"] == "float16"
+    assert m["package"]["verification"]["greedy_identical"] and m["graph"]["file"] == "model.ort"
+
+
 def test_refusals(traced, android, hf_checkpoint, tmp_path):
     out, _ = android
     fused = tmp_path / "fused"
