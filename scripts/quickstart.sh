@@ -22,8 +22,8 @@ echo "== quantize to int8 and int4 (perplexity, KL and greedy agreement measured
 edgegpt quantize "$OUT/tiny-fp32" --out "$OUT/tiny-int8" --mode int8 --overwrite | grep -E "^(precision|size|quality)"
 edgegpt quantize "$OUT/tiny-fp32" --out "$OUT/tiny-int4" --mode int4 --overwrite | grep -E "^(precision|size|quality)"
 
-echo "== generate from the int4 bundle"
-edgegpt generate "$OUT/tiny-int4" --prompt "The with statement" --max-new-tokens 40
+echo "== sample from the int4 bundle (temperature 0.8, top-p 0.95, seeded)"
+edgegpt generate "$OUT/tiny-int4" --prompt "The with statement" --max-new-tokens 40 --temperature 0.8 --top-p 0.95 --seed 1
 
 echo "== benchmark fp32 / int8 / int4 against PyTorch eager (W1 sizes: 128-token prompt, 128 new tokens)"
 edgegpt bench "$OUT/tiny-fp32" "$OUT/tiny-int8" "$OUT/tiny-int4" --workload W1 --baseline torch --runs 3

@@ -101,6 +101,7 @@ class Int8(Recipe):
         model, head = _load_untied(src)
         block_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and _const_b(model, n)
                          and n.name != head]
+        _quiet_root()  # quantize_dynamic logs a generic "consider pre-processing" warning on the root logger
         quantize_dynamic(model, str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=block_matmuls,
                          per_channel=self.per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
                          # DefaultTensorType: onnx's shape inference cannot see through contrib ops
@@ -205,6 +206,7 @@ class Int8Static(Recipe):
 
         model, head = _load_untied(src)
         weights = [n.name for n in model.graph.node if n.op_type == "MatMul" and _const_b(model, n)]
+        _quiet_root()
         untied = Path(dst).with_name("untied.onnx")
         onnx.save_model(model, str(untied))
         try:
@@ -216,6 +218,16 @@ class Int8Static(Recipe):
             untied.unlink(missing_ok=True)
         return {**self.describe(), "calibration_tokens": len(ids), "calibration_windows": len(starts),
                 "quantized_matmuls": len(weights), "format": "QDQ", "activations": "uint8", "weights": "int8"}
+
+
+def _quiet_root() -> None:
+    class _DropPreprocessHint(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "pre-processing before quantization" not in record.getMessage()
+
+    root = logging.getLogger()
+    if not any(isinstance(f, _DropPreprocessHint) for f in root.filters):
+        root.addFilter(_DropPreprocessHint())
 
 
 def _const_b(model: onnx.ModelProto, node) -> bool:
