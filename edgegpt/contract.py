@@ -24,6 +24,7 @@ PRESENT_KEY = "present.{}.key"
 PRESENT_VALUE = "present.{}.value"
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
+SLOTS = "kv_slots"  # shared-buffer layout: the buffer's length, chosen by the runtime (<= kv_capacity)
 
 
 def past_names(n_layer: int) -> list[str]:
@@ -47,11 +48,12 @@ def io_spec(n_layer: int, n_head: int, head_dim: int, vocab_size: int, *, kv_dty
             logits_dtype: str = "float32", last_logits_only: bool = False, kv_capacity: int | None = None) -> dict:
     """Names, dtypes and symbolic shapes of every input and output, as the manifest records them.
 
-    With ``kv_capacity`` (the shared-buffer layout) past and present are the same fixed-size
-    buffer of ``kv_capacity`` slots; attention_mask's width says how many are filled.
+    With ``kv_capacity`` (the shared-buffer layout) past and present are one buffer of
+    ``kv_slots`` slots (at most kv_capacity, sized by the runtime to prompt + new tokens);
+    attention_mask's width says how many are filled.
     """
-    kv_in = [BATCH, n_head, kv_capacity or PAST, head_dim]
-    kv_out = [BATCH, n_head, kv_capacity or TOTAL, head_dim]
+    kv_in = [BATCH, n_head, SLOTS if kv_capacity else PAST, head_dim]
+    kv_out = [BATCH, n_head, SLOTS if kv_capacity else TOTAL, head_dim]
     inputs = [
         {"name": INPUT_IDS, "dtype": "int64", "shape": [BATCH, SEQ]},
         {"name": ATTENTION_MASK, "dtype": "int64", "shape": [BATCH, TOTAL]},

@@ -89,11 +89,13 @@ class Int8(Recipe):
     budget_pct: ClassVar[float] = 1.0
     per_channel: bool = True
     lm_head: str = "int8"  # fp32 | int8
+    embedding: str = "auto"  # auto (int8 with a quantized head, else fp32) | fp32 | int8 | int4
 
     def apply(self, src, dst, *, calibration=None):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         _check_choice("lm_head", self.lm_head, ("fp32", "int8"))
+        embedding = _check_embedding(self.embedding, self.lm_head)
         flags = cpu_flags()
         # Without VNNI, x86 u8s8 kernels use VPMADDUBSW which saturates; reduce_range (7-bit weights)
         # avoids it at a small accuracy cost (onnxruntime#6004).
@@ -108,7 +110,8 @@ class Int8(Recipe):
                          # (MultiHeadAttention, SkipLayerNormalization) of the fused graph
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         _finish_head(dst, head, self.lm_head, block_size=32, accuracy_level=4)
-        return {**self.describe(), "reduce_range": reduce_range, "quantized_matmuls": len(block_matmuls),
+        quantize_embedding(dst, embedding)
+        return {**self.describe(), "embedding": embedding, "reduce_range": reduce_range, "quantized_matmuls": len(block_matmuls),
                 "cpu_vnni": bool(flags & {"avx512_vnni", "avx_vnni"})}
 
 
@@ -121,11 +124,13 @@ class Int4(Recipe):
     accuracy_level: int = 4  # int8 activations in the dot product: 2.3x faster decode (onnxruntime/mobius#402)
     symmetric: bool = True
     lm_head: str = "int8"  # fp32 | int8 | int4
+    embedding: str = "auto"  # auto (int8 with a quantized head, else fp32) | fp32 | int8 | int4
 
     def apply(self, src, dst, *, calibration=None):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         _check_choice("lm_head", self.lm_head, ("fp32", "int8", "int4"))
+        embedding = _check_embedding(self.embedding, self.lm_head)
         _check_choice("block_size", self.block_size, (16, 32, 64, 128, 256))
         _check_choice("accuracy_level", self.accuracy_level, (0, 1, 2, 3, 4))
         model, head = _load_untied(src)
@@ -136,7 +141,8 @@ class Int4(Recipe):
         onnx.save_model(q.model.model, str(dst))
         _finish_head(dst, head, "int4-done" if self.lm_head == "int4" else self.lm_head,
                      block_size=self.block_size, accuracy_level=self.accuracy_level)
-        return self.describe()
+        quantize_embedding(dst, embedding)
+        return {**self.describe(), "embedding": embedding}
 
 
 @register
@@ -228,6 +234,71 @@ def _quiet_root() -> None:
     root = logging.getLogger()
     if not any(isinstance(f, _DropPreprocessHint) for f in root.filters):
         root.addFilter(_DropPreprocessHint())
+
+
+def _check_embedding(embedding: str, lm_head: str) -> str:
+    """The embedding precision to use: auto is int8 (GatherBlockQuantized) once the head has its own
+    quantized weights, fp32 when the fp32 head still reads the shared table."""
+    _check_choice("embedding", embedding, ("auto", "fp32", "int8", "int4"))
+    if embedding == "auto":
+        return "fp32" if lm_head == "fp32" else "int8"
+    if embedding != "fp32" and lm_head == "fp32":
+        raise QuantizeError("a quantized embedding needs a quantized LM head (the fp32 head reads the embedding "
+                            "table itself): pass --lm-head int8 or --embedding fp32")
+    return embedding
+
+
+EMBEDDING_BLOCK = 32
+
+
+def quantize_embedding(path: Path, mode: str) -> None:
+    """Replace the token-embedding Gather with GatherBlockQuantized over a blocked int8 / int4 copy
+    of the table (symmetric, one fp32 scale per 32 values along the embedding axis), in place.
+
+    A decode step reads one row of this table, so this is about size and memory (GPT-2 small's
+    fp32 table is 154 MB, 44% of an int4 bundle), not speed. Only valid once the LM head has its
+    own weights (untied), which is checked by the caller.
+    """
+    if mode == "fp32":
+        return
+    bits = 8 if mode == "int8" else 4
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    gather = next((n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                   and n.input[0].endswith("transformer.wte.weight")), None)
+    if gather is None:
+        raise QuantizeError("found no token-embedding Gather on transformer.wte.weight to quantize")
+    if any(gather.input[0] in n.input for n in model.graph.node if n is not gather):
+        raise QuantizeError("the embedding table is still read by the LM head; untie the head first (--lm-head int8)")
+    w = numpy_helper.to_array(inits[gather.input[0]]).astype(np.float32)
+    V, C = w.shape
+    if C % EMBEDDING_BLOCK:
+        raise QuantizeError(f"n_embd={C} is not a multiple of {EMBEDDING_BLOCK}; pass --embedding fp32")
+    qmax = 2 ** (bits - 1) - 1
+    blocks = w.reshape(V, C // EMBEDDING_BLOCK, EMBEDDING_BLOCK)
+    scale = np.maximum(np.abs(blocks).max(-1), 1e-12) / qmax  # (V, C / block)
+    q = np.clip(np.round(blocks / scale[..., None]), -qmax - 1, qmax).astype(np.int16).reshape(V, C)
+    name = gather.input[0]
+    if bits == 8:  # uint8 with an explicit zero point of 128
+        data = (q + 128).astype(np.uint8)
+        extra = [numpy_helper.from_array(np.full(scale.shape, 128, np.uint8), name + ".zero_point")]
+    else:  # two 4-bit values per byte, low nibble first; the default zero point is 8
+        u = (q + 8).astype(np.uint8)
+        data = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+        extra = []
+    model.graph.initializer.remove(inits[name])
+    model.graph.initializer.extend([numpy_helper.from_array(data, name + ".q"),
+                                    numpy_helper.from_array(scale.astype(np.float32), name + ".scale"), *extra])
+    inputs = [name + ".q", gather.input[1], name + ".scale"] + ([name + ".zero_point"] if extra else [])
+    node = helper.make_node("GatherBlockQuantized", inputs, list(gather.output), name=gather.name + "BlockQuantized",
+                            domain="com.microsoft", block_size=EMBEDDING_BLOCK, gather_axis=0, quantize_axis=1,
+                            bits=bits)
+    idx = list(model.graph.node).index(gather)
+    model.graph.node.remove(gather)
+    model.graph.node.insert(idx, node)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save_model(model, str(path))
 
 
 def _const_b(model: onnx.ModelProto, node) -> bool:

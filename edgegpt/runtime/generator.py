@@ -109,7 +109,7 @@ class Generator:
         full_mask = np.ones((B, total), dtype=np.int64)
         full_mask[:, : ids.shape[1]] = mask
         done = np.zeros(B, dtype=bool)
-        cache = self.session.start(B)
+        cache = self.session.start(B, slots=total)
         step_ids, step_pos, length = ids, pos, ids.shape[1]
         for _ in range(cfg.max_new_tokens):
             logits = cache.step(step_ids, np.ascontiguousarray(full_mask[:, :length]), step_pos)

@@ -56,6 +56,9 @@ def test_recipes_are_what_they_say(quantized):
     assert m["int8"]["graph"]["op_counts"]["MatMulInteger"] == 4 * 2  # 4 weight matmuls x 2 layers
     assert m["int4"]["graph"]["op_counts"]["com.microsoft.MatMulNBits"] == 4 * 2 + 1  # + the 8-bit LM head
     assert m["int4"]["recipe"]["block_size"] == 32 and m["int4"]["recipe"]["accuracy_level"] == 4
+    for mode in ("int8", "int4"):  # the untied head lets the embedding table shrink to int8 blocks
+        assert m[mode]["recipe"]["embedding"] == "int8"
+        assert m[mode]["graph"]["op_counts"]["com.microsoft.GatherBlockQuantized"] == 1
     fp16_io = {x["name"]: x["dtype"] for x in m["fp16"]["io"]["inputs"] + m["fp16"]["io"]["outputs"]}
     assert fp16_io["past_key_values.0.key"] == "float16" and fp16_io["logits"] == "float32"
     assert m["int8-static"]["graph"]["op_counts"]["QuantizeLinear"] > 0
@@ -78,6 +81,8 @@ def test_refusals(quantized, trained_bundle, tmp_path):
         quantize_bundle(trained_bundle, tmp_path / "x", "int8-static")
     with pytest.raises(QuantizeError, match="int8 does not take block_size"):
         quantize_bundle(trained_bundle, tmp_path / "x", "int8", options={"block_size": 64})
+    with pytest.raises(QuantizeError, match="quantized embedding needs a quantized LM head"):
+        quantize_bundle(trained_bundle, tmp_path / "x", "int4", options={"lm_head": "fp32", "embedding": "int8"})
     with pytest.raises(QuantizeError, match="block_size must be one of"):
         quantize_bundle(trained_bundle, tmp_path / "x", "int4", options={"block_size": 48})
     with pytest.raises(DataError, match="shorter than one window"):

@@ -24,7 +24,7 @@ def test_shared_bundle_is_recorded_and_verified(shared):
     opts = m["graph"]["options"]
     assert opts["shared_kv_buffer"] and opts["kv_capacity"] == 256
     assert opts["fused_attention"] == "com.microsoft.GroupQueryAttention"
-    assert m["io"]["inputs"][3]["shape"] == ["batch_size", 4, 256, 24]
+    assert m["io"]["inputs"][3]["shape"] == ["batch_size", 4, "kv_slots", 24]
     assert m["verification"]["passed"] and m["verification"]["greedy_identical"]
 
 
@@ -32,7 +32,8 @@ def test_runtime_updates_the_buffer_in_place_and_matches_pytorch(shared, hf_chec
     out, _ = shared
     gen = Generator.load(out)
     s = gen.session
-    past = s.empty_past(1)
+    past = s.empty_past(1, slots=10)  # sized to the generation, not the model's 256-token context
+    assert past[0].shape() == [1, 4, 10, 24]
     ptr = past[0].data_ptr()
     _, after = s.step(np.array([[1, 2, 3]]), np.ones((1, 3), np.int64), np.arange(3)[None], past)
     _, after = s.step(np.array([[4]]), np.ones((1, 4), np.int64), np.array([[3]]), after)
