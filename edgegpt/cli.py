@@ -317,13 +317,15 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
               help="Also time PyTorch eager (transformers generate), Optimum or onnxruntime-genai. Repeatable.")
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False),
               help="Checkpoint for --baseline torch [the bundle's source].")
+@click.option("--gguf", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Also time llama.cpp on this GGUF file (scripts/peers/gguf_from_checkpoint.py). Repeatable.")
 @click.option("--sweep-context", default=None, help="Comma-separated contexts, e.g. 128,256,512,1024.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw the context sweep to this PNG.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON here.")
 @click.option("--roofline", is_flag=True, help="Probe memory bandwidth and report % of the decode bound.")
 @friendly_errors
 def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider, warmup, runs, baselines, checkpoint,
-          sweep_context, plot_path, json_path, roofline):
+          gguf, sweep_context, plot_path, json_path, roofline):
     """Time bundles (interleaved) on a workload: TTFT, decode tok/s, RSS, size, load time."""
     from edgegpt.bench import report
     from edgegpt.bench.bench import BenchConfig, resolve_workload, run_bench
@@ -337,8 +339,9 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
     if plot_path and not sweep:
         raise click.UsageError("--plot draws the context sweep: add --sweep-context 128,256,...")
     w = resolve_workload(workload, prompt_tokens, new_tokens, batch)
-    cfg = BenchConfig(list(bundles), w, threads, provider, warmup, runs, tuple(baselines), checkpoint, sweep, roofline)
-    n_systems = len(bundles) + len(baselines)
+    cfg = BenchConfig(list(bundles), w, threads, provider, warmup, runs, tuple(baselines), checkpoint, sweep, roofline,
+                      tuple(gguf))
+    n_systems = len(bundles) + len(baselines) + len(gguf)
     total = n_systems * (warmup + runs + len(sweep))
     try:
         from tqdm.auto import tqdm

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 from edgegpt.bench import report
 from edgegpt.bench.harness import Result, measure
 from edgegpt.bench.roofline import measure_bandwidth, weight_bytes_per_token
-from edgegpt.bench.systems import BenchError, EdgeGPT, GenAI, Optimum, System, TorchEager
+from edgegpt.bench.systems import BenchError, EdgeGPT, GenAI, LlamaCpp, Optimum, System, TorchEager
 from edgegpt.bench.workloads import WORKLOADS, Workload
 from edgegpt.errors import BundleError
 from edgegpt.manifest import MANIFEST, bundle_size, read_manifest
@@ -29,6 +29,7 @@ class BenchConfig:
     checkpoint: Optional[str] = None
     sweep: list[int] = field(default_factory=list)
     roofline: bool = False
+    gguf: tuple[str, ...] = ()  # llama.cpp peers on GGUF files of the same weights
 
 
 @dataclass
@@ -91,7 +92,13 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
                 raise BenchError(f"--baseline {b} runs the standard contract: add a bundle exported with "
                                  f"--kv-cache concat and without --last-logits-only")
             systems.append(Optimum(plain, cfg.threads) if b == "optimum" else GenAI(plain, cfg.threads))
+    n_ctx = max(512, -(-(w.prompt_tokens + w.new_tokens + max(cfg.sweep or [0])) // 256) * 256)
+    for path in cfg.gguf:
+        if not Path(path).is_file():
+            raise BenchError(f"GGUF file {path} does not exist; write one with scripts/peers/gguf_from_checkpoint.py")
+        systems.append(LlamaCpp(path, cfg.threads, n_ctx))
     sizes = {label: bundle_size(b) for b, label in zip(cfg.bundles, labels)}
+    sizes.update({s.label: Path(s.gguf).stat().st_size for s in systems if isinstance(s, LlamaCpp)})
     sweep = {}
     for c in cfg.sweep:
         if c + 16 > min(m["max_context"] for m in manifests):

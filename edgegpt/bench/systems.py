@@ -167,3 +167,39 @@ class GenAI(System):
             gen.generate_next_token()
             stamps.append(time.perf_counter())
         return stamps
+
+
+class LlamaCpp(System):
+    """llama.cpp (llama-cpp-python) on a GGUF file of the same weights
+    (scripts/peers/gguf_from_checkpoint.py writes one). Batch 1; greedy by argmax of the last logits."""
+
+    kind = "llama.cpp"
+
+    def __init__(self, gguf: str, threads: Optional[int], n_ctx: int):
+        self.gguf, self.threads, self.n_ctx = gguf, threads, n_ctx
+        self.label = f"llama.cpp {Path(gguf).stem}"
+
+    def load(self) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise BenchError("--gguf needs llama-cpp-python: pip install llama-cpp-python (builds llama.cpp)") from None
+        import numpy as np
+
+        self.np = np
+        self.llm = Llama(model_path=self.gguf, n_ctx=self.n_ctx, n_batch=512, n_ubatch=512,
+                         n_threads=self.threads or None, n_threads_batch=self.threads or None, verbose=False)
+
+    def run(self, prompts, new_tokens):
+        if len(prompts) != 1:
+            raise BenchError("the llama.cpp baseline runs batch 1 only")
+        llm, np = self.llm, self.np
+        llm.reset()
+        stamps, tokens = [], list(prompts[0])
+        llm.eval(tokens)
+        for _ in range(new_tokens):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            stamps.append(time.perf_counter())
+            if len(stamps) < new_tokens:
+                llm.eval([nxt])
+        return stamps

@@ -83,3 +83,17 @@ def test_refusals(bundle, hf_checkpoint):
         run_bench(BenchConfig([str(bundle)], WORKLOADS["W2"]))
     res = CliRunner().invoke(main, ["bench", str(bundle), "--plot", "x.png"])
     assert res.exit_code == 2 and "--sweep-context" in res.output
+
+
+def test_llamacpp_peer_on_a_gguf_of_the_same_weights(bundle, hf_checkpoint, tmp_path):
+    """Runs where llama-cpp-python and gguf are installed (a developer's benchmarking setup)."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    import runpy
+
+    conv = runpy.run_path("scripts/peers/gguf_from_checkpoint.py")
+    out = tmp_path / "m-f32.gguf"
+    conv["write_f32"](hf_checkpoint("distil-like"), out)
+    rep = run_bench(BenchConfig([str(bundle)], Workload("t", 16, 8), threads=1, warmup=0, runs=1, gguf=(str(out),)))
+    assert rep.results[1].kind == "llama.cpp" and rep.results[1].error is None
+    assert rep.results[1].runs[0].decode_tok_s > 0
