@@ -181,12 +181,13 @@ class LlamaCpp(System):
 
     def load(self) -> None:
         try:
+            import llama_cpp
             from llama_cpp import Llama
         except ImportError:
             raise BenchError("--gguf needs llama-cpp-python: pip install llama-cpp-python (builds llama.cpp)") from None
         import numpy as np
 
-        self.np = np
+        self.np, self.llama_cpp = np, llama_cpp
         self.llm = Llama(model_path=self.gguf, n_ctx=self.n_ctx, n_batch=512, n_ubatch=512,
                          n_threads=self.threads or None, n_threads_batch=self.threads or None, verbose=False)
 
@@ -197,9 +198,13 @@ class LlamaCpp(System):
         llm.reset()
         stamps, tokens = [], list(prompts[0])
         llm.eval(tokens)
+        # the last position's logits straight from the context (Llama.scores stays empty without
+        # logits_all); a view, no copy
+        logits = np.ctypeslib.as_array(self.llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
         for _ in range(new_tokens):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = int(np.argmax(logits))
             stamps.append(time.perf_counter())
             if len(stamps) < new_tokens:
                 llm.eval([nxt])
+                logits = np.ctypeslib.as_array(self.llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
         return stamps

@@ -94,6 +94,21 @@ def test_llamacpp_peer_on_a_gguf_of_the_same_weights(bundle, hf_checkpoint, tmp_
     conv = runpy.run_path("scripts/peers/gguf_from_checkpoint.py")
     out = tmp_path / "m-f32.gguf"
     conv["write_f32"](hf_checkpoint("distil-like"), out)
+    # the GGUF holds the same weights: llama.cpp's next-token logits match PyTorch's
+    import llama_cpp
+    import numpy as np
+    import torch
+
+    from edgegpt.model import load_model
+
+    ids = [5, 17, 300, 42, 7]
+    with torch.no_grad():
+        ref = load_model(hf_checkpoint("distil-like"))(torch.tensor([ids]))[0][0, -1].numpy()
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=1, verbose=False)
+    llm.eval(ids)
+    got = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
+    assert np.abs(got - ref).max() < 1e-2 and got.argmax() == ref.argmax()
+    del llm
     rep = run_bench(BenchConfig([str(bundle)], Workload("t", 16, 8), threads=1, warmup=0, runs=1, gguf=(str(out),)))
     assert rep.results[1].kind == "llama.cpp" and rep.results[1].error is None
     assert rep.results[1].runs[0].decode_tok_s > 0
