@@ -96,7 +96,10 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
             m["package"] = {"target": target.name, "precision": want, "precision_reason": target.why,
                             "providers": list(target.providers), "source_bundle": str(bundle.resolve())}
             if target.mobile:
-                m["package"].update(_mobile(tmp, m, fixed_past))
+                # fp16 from an fp32 bundle: fix the fp32 graph's shapes first, then convert (folding
+                # the fp16 graph's Casts would store fp32 copies of the weights)
+                fp32_graph = bundle / "model.onnx" if want == "fp16" and have == "fp32" else None
+                m["package"].update(_mobile(tmp, m, fixed_past, fp32_graph))
                 m["graph"] = dict(m["graph"], file=m["package"]["ort_format"]["file"])
                 (tmp / "model.onnx").unlink()
                 write_manifest(tmp, m)
@@ -108,7 +111,7 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
     return read_manifest(out)
 
 
-def _mobile(tmp: Path, manifest: dict, fixed_past: Optional[int]) -> dict:
+def _mobile(tmp: Path, manifest: dict, fixed_past: Optional[int], fp32_graph: Optional[Path] = None) -> dict:
     from edgegpt.export.mobile import ep_coverage, make_fixed_decode, to_ort_format
 
     onnx_path = tmp / "model.onnx"
@@ -119,7 +122,15 @@ def _mobile(tmp: Path, manifest: dict, fixed_past: Optional[int]) -> dict:
     if not 1 <= past < manifest["max_context"]:
         raise ExportError(f"--fixed-past must be in 1..{manifest['max_context'] - 1}, got {past}")
     fixed_onnx = tmp / "model_decode_fixed.onnx"
-    make_fixed_decode(onnx_path, fixed_onnx, past)
+    if fp32_graph is not None:
+        from edgegpt.quantize.recipes import Fp16
+
+        fixed_fp32 = tmp / "model_decode_fixed.fp32.onnx"
+        make_fixed_decode(fp32_graph, fixed_fp32, past)
+        Fp16().apply(fixed_fp32, fixed_onnx)
+        fixed_fp32.unlink()
+    else:
+        make_fixed_decode(onnx_path, fixed_onnx, past)
     fixed_cov = ep_coverage(fixed_onnx, fixed=True)
     fixed_ort, fixed_cfg = to_ort_format(fixed_onnx, tmp, runtime_optimizations=True)
     fixed_onnx.unlink()

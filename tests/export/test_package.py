@@ -106,6 +106,9 @@ def test_cpu_and_cuda_packages_pick_their_precision(traced, tmp_path):
 def test_ios_package_defaults_to_fp16_with_a_float16_cache(traced, tmp_path):
     m = package_bundle(traced, "ios", tmp_path / "ios")
     assert m["precision"] == "fp16" and m["io"]["inputs"][3]["dtype"] == "float16"
+    # the fixed-shape variant stays fp16 too (no folded fp32 copies of the weights)
+    fixed = m["package"]["fixed_shape_variants"][0]["file"]
+    assert (tmp_path / "ios" / fixed).stat().st_size <= (tmp_path / "ios" / "model.ort").stat().st_size
     assert m["package"]["verification"]["greedy_identical"] and m["graph"]["file"] == "model.ort"
 
 
