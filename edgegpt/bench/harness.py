@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from edgegpt.bench.systems import BenchError, System
+from edgegpt.bench.systems import System
 
 
 def _worker(system: System, conn) -> None:

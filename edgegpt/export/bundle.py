@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,7 +17,7 @@ from edgegpt.atomic import atomic_dir, check_output_dir
 from edgegpt.errors import ExportError
 from edgegpt.export.onnx_export import ExportOptions, export_graph
 from edgegpt.export.verify import verify_bundle
-from edgegpt.manifest import TOKENIZER_FILE, bundle_size, file_table, read_manifest, write_manifest
+from edgegpt.manifest import TOKENIZER_FILE, file_table, read_manifest, write_manifest
 from edgegpt.model.checkpoint import checkpoint_hash, config_to_hf, generation_config, load_checkpoint
 from edgegpt.model.gpt import GPTConfig
 

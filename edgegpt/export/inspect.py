@@ -22,7 +22,7 @@ def describe(bundle: str | Path) -> str:
         f"graph       {g['file']}{' + ' + g['external_data'] if g.get('external_data') else ''}, opset {g['opset']}, "
         f"{sum(g['op_counts'].values())} nodes ({', '.join(f'{k} {v}' for k, v in list(g['op_counts'].items())[:8])}"
         f"{', ...' if len(g['op_counts']) > 8 else ''})",
-        f"options     " + ", ".join(f"{k}={v}" for k, v in g.get("options", {}).items()),
+        "options     " + ", ".join(f"{k}={v}" for k, v in g.get("options", {}).items()),
         f"size        {_mb(m.get('size_bytes', 0))}",
         f"tokens      bos {m.get('bos_token_id')}, eos {m.get('eos_token_id')}, pad {m.get('pad_token_id')}",
         "inputs      " + ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in m["io"]["inputs"][:4])

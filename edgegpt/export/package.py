@@ -7,7 +7,6 @@ format, operator configs, fixed-shape variants, a provider report) that desktop 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile

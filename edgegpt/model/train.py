@@ -23,7 +23,7 @@ from edgegpt.errors import CheckpointError, DataError, OutputExistsError
 from edgegpt.model.checkpoint import load_checkpoint, write_checkpoint_files
 from edgegpt.model.data import read_corpus
 from edgegpt.model.gpt import GPT, GPTConfig
-from edgegpt.model.tokenizer import EOS_TOKEN, eos_id, load_tokenizer, train_tokenizer
+from edgegpt.model.tokenizer import eos_id, train_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,6 @@ OrtValues that go from one step's outputs to the next step's inputs without touc
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 

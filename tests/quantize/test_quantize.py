@@ -1,9 +1,6 @@
 """`edgegpt quantize` and `edgegpt eval` on a model with trained weights."""
 
-import json
-import shutil
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
