@@ -175,8 +175,9 @@ def export(model, out, graph, kv_cache, opset, last_logits_only, external_data, 
     from edgegpt.export.inspect import describe
     from edgegpt.export.onnx_export import ExportOptions
 
-    export_bundle(model, out, ExportOptions(opset, last_logits_only, external_data, graph, kv_cache), overwrite=overwrite,
-                  keep_failed=keep_failed, decode_steps=decode_steps, atol=atol)
+    options = ExportOptions(opset=opset, last_logits_only=last_logits_only, external_data=external_data, graph=graph,
+                            kv_cache=kv_cache)
+    export_bundle(model, out, options, overwrite=overwrite, keep_failed=keep_failed, decode_steps=decode_steps, atol=atol)
     click.echo(describe(out))
 
 

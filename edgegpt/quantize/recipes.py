@@ -157,6 +157,7 @@ class Fp16(Recipe):
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         from edgegpt import contract
+        from edgegpt.export.graph import topological_sort
 
         model = onnx.load(str(src))
         # logits stay fp32 (sampling and perplexity want them); the KV cache goes fp16.
@@ -164,8 +165,6 @@ class Fp16(Recipe):
         blocked = ["LayerNormalization", "Softmax"]
         model = convert_float_to_float16(model, keep_io_types=keep, op_block_list=blocked)
         _unique_node_names(model)
-        from edgegpt.export.graph import topological_sort
-
         topological_sort(model)
         onnx.save_model(model, str(dst))
         return {**self.describe(), "fp32_ops": blocked, "fp32_io": keep}

@@ -82,6 +82,13 @@ class Generator:
                 raise ValueError(f"token ids must be in [0, {vocab}); got {min(p)}..{max(p)}")
         return prompts
 
+    def _stop_ids(self, cfg: GenerationConfig) -> set[int]:
+        """Token ids that end a row: the caller's stop ids, plus eos unless ignored."""
+        ids = set(cfg.stop_token_ids)
+        if self.eos_token_id is not None and not cfg.ignore_eos:
+            ids.add(self.eos_token_id)
+        return ids
+
     def iter_ids(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> Iterator[np.ndarray]:
         """Yield the next token of every row, (B,) int64, once per step; rows that finished
         (eos / stop token) yield pad_token_id. Stops when every row has finished."""
@@ -90,10 +97,7 @@ class Generator:
             raise ValueError("this bundle's shared KV buffer takes no padding: give prompts of one length per call "
                              "(generate_ids / generate run them one at a time)")
         params = cfg.params
-        stop_ids = set(cfg.stop_token_ids)
-        if self.eos_token_id is not None and not cfg.ignore_eos:
-            stop_ids.add(self.eos_token_id)
-        stop_arr = np.array(sorted(stop_ids), dtype=np.int64)
+        stop_arr = np.array(sorted(self._stop_ids(cfg)), dtype=np.int64)
         B = len(prompts)
         ids, mask = left_pad(prompts, self.pad_token_id)
         rng = np.random.default_rng(params.seed)
@@ -133,8 +137,7 @@ class Generator:
             return [self.generate_ids([p], max_new_tokens, **kw)[0] for p in prompts]
         rows: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
-        stops = set(cfg.stop_token_ids) | ({self.eos_token_id} if self.eos_token_id is not None
-                                           and not cfg.ignore_eos else set())
+        stops = self._stop_ids(cfg)
         for nxt in self.iter_ids(prompts, cfg):
             for i, t in enumerate(nxt.tolist()):
                 if not finished[i]:
