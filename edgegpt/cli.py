@@ -314,6 +314,8 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--settle", type=click.FloatRange(min=0), default=0.25, show_default=True,
+              help="Seconds of idle before each run, so the previous system's spinning threads are asleep.")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(["torch", "optimum", "genai"]),
               help="Also time PyTorch eager (transformers generate), Optimum or onnxruntime-genai. Repeatable.")
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False),
@@ -325,8 +327,8 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON here.")
 @click.option("--roofline", is_flag=True, help="Probe memory bandwidth and report % of the decode bound.")
 @friendly_errors
-def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider, warmup, runs, baselines, checkpoint,
-          gguf, sweep_context, plot_path, json_path, roofline):
+def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider, warmup, runs, settle, baselines,
+          checkpoint, gguf, sweep_context, plot_path, json_path, roofline):
     """Time bundles (interleaved) on a workload: TTFT, decode tok/s, RSS, size, load time."""
     from edgegpt.bench import report
     from edgegpt.bench.bench import BenchConfig, resolve_workload, run_bench
@@ -341,7 +343,7 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
         raise click.UsageError("--plot draws the context sweep: add --sweep-context 128,256,...")
     w = resolve_workload(workload, prompt_tokens, new_tokens, batch)
     cfg = BenchConfig(list(bundles), w, threads, provider, warmup, runs, tuple(baselines), checkpoint, sweep, roofline,
-                      tuple(gguf))
+                      tuple(gguf), settle)
     n_systems = len(bundles) + len(baselines) + len(gguf)
     total = n_systems * (warmup + runs + len(sweep))
     try:
@@ -357,7 +359,7 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
         if bar is not None:
             bar.close()
     click.echo(f"{w.name}: batch {w.batch}, {w.prompt_tokens}-token prompt, exactly {w.new_tokens} new tokens (greedy, "
-               f"EOS ignored), {threads} threads, {provider}; median of {runs} runs after {warmup} warm-up, "
+               f"EOS ignored), {threads} threads, {provider}; median of {runs} runs after {warmup} warm-up, {settle:g} s idle before each, "
                f"interleaved; {rep.data['machine']['cpu']}, onnxruntime {rep.data['machine']['onnxruntime']}")
     click.echo(rep.table)
     if rep.data.get("bandwidth"):

@@ -30,6 +30,7 @@ class BenchConfig:
     sweep: list[int] = field(default_factory=list)
     roofline: bool = False
     gguf: tuple[str, ...] = ()  # llama.cpp peers on GGUF files of the same weights
+    settle_s: float = 0.25  # idle time before each run (see harness.measure)
 
 
 @dataclass
@@ -111,9 +112,9 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
             wb = weight_bytes_per_token(b)
             bounds[label] = bw["gb_per_s"] * 1e9 / wb if wb else None
     results = measure(systems, w.prompt_ids(vocab), w.new_tokens, warmup=cfg.warmup, runs=cfg.runs, sweep=sweep,
-                      progress=progress)
+                      progress=progress, settle_s=cfg.settle_s)
     meta = {"workload": w.__dict__, "threads": cfg.threads, "provider": cfg.provider, "warmup": cfg.warmup,
-            "runs": cfg.runs, "machine": report.machine(), "bandwidth": bw,
+            "runs": cfg.runs, "settle_s": cfg.settle_s, "machine": report.machine(), "bandwidth": bw,
             "bound_tok_s": {k: v for k, v in bounds.items()}, "bundles": dict(zip(labels, cfg.bundles))}
     return BenchReport(results, report.table(results, sizes, bounds), report.notes(results),
                        report.to_json(results, meta))

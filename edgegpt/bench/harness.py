@@ -124,12 +124,17 @@ def peak_rss_of(pid: int) -> float:
 
 def measure(systems: list[System], prompts: list[list[int]], new_tokens: int, *, warmup: int, runs: int,
             sweep: Optional[dict[int, list[list[int]]]] = None, sweep_new_tokens: int = 16,
-            progress: Optional[Callable[[str], None]] = None) -> list[Result]:
+            progress: Optional[Callable[[str], None]] = None, settle_s: float = 0.25) -> list[Result]:
+    """settle_s: idle time before every run, so the previous system's worker threads (onnxruntime
+    and llama.cpp both spin-wait after a run) have gone to sleep and each run starts on an idle
+    machine, as a request in an interactive app does. Without it, the first few ms of a run (the
+    prefill: TTFT) compete with the last system's spinning threads on a 2-core machine."""
     pool = Pool(systems)
     try:
         rounds = [("warmup", r) for r in range(warmup)] + [("run", r) for r in range(runs)]
         for phase, _ in rounds:
             for i, res in enumerate(pool.results):
+                time.sleep(settle_s)
                 out = pool.run(i, prompts, new_tokens)
                 if progress:
                     progress(res.label)
@@ -139,6 +144,7 @@ def measure(systems: list[System], prompts: list[list[int]], new_tokens: int, *,
             for i, res in enumerate(pool.results):
                 times = []
                 for _ in range(max(1, runs)):
+                    time.sleep(settle_s)
                     out = pool.run(i, sweep_prompt, sweep_new_tokens)
                     if out is None:
                         break

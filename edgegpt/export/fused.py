@@ -8,10 +8,10 @@ verified against PyTorch the same way. Per layer:
       │                               │
    LayerNorm / SkipLayerNorm ◀────────┘   (first layer LayerNorm; later layers SkipLayerNorm,
       │                                     whose 4th output is the new residual sum)
-   MatMul c_attn ─▶ Split q,k,v
+   MatMul c_attn ─▶ Split q,k,v            (shared KV: + c_attn.b, packed q|k|v, no Split)
       │
    MultiHeadAttention(q, k, v, bias=c_attn.b, key_padding_mask, past_key, past_value)
-      │            └──▶ present.{i}.key / .value
+      │            └──▶ present.{i}.key / .value   (shared KV: GroupQueryAttention in place)
    MatMul c_proj
       │
    SkipLayerNorm(+ residual, + c_proj.b)  ─▶ new residual
@@ -103,15 +103,15 @@ def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17,
         if shared_kv:  # GroupQueryAttention takes no bias input
             g.node("Add", [qkv, qkv_b], [f"{h}/attn/qkv_b"], f"{h}/attn/c_attn/Add")
             qkv = f"{h}/attn/qkv_b"
-        split = g.init(f"{h}/attn/split_sizes", np.array([cfg.n_embd] * 3, np.int64))
-        g.node("Split", [qkv, split], [f"{h}/attn/q", f"{h}/attn/k", f"{h}/attn/v"], f"{h}/attn/Split", axis=-1)
         present = [f"{h}/attn/out", contract.PRESENT_KEY.format(i), contract.PRESENT_VALUE.format(i)]
-        if shared_kv:
+        if shared_kv:  # packed QKV: GroupQueryAttention splits q, k, v itself (no Split node)
             g.node("GroupQueryAttention",
-                   [f"{h}/attn/q", f"{h}/attn/k", f"{h}/attn/v", contract.PAST_KEY.format(i),
-                    contract.PAST_VALUE.format(i), "/model/mask/seqlens_k", "/model/mask/total"],
+                   [qkv, "", "", contract.PAST_KEY.format(i), contract.PAST_VALUE.format(i),
+                    "/model/mask/seqlens_k", "/model/mask/total"],
                    present, f"{h}/attn/GroupQueryAttention", domain=MS, num_heads=cfg.n_head, kv_num_heads=cfg.n_head)
         else:
+            split = g.init(f"{h}/attn/split_sizes", np.array([cfg.n_embd] * 3, np.int64))
+            g.node("Split", [qkv, split], [f"{h}/attn/q", f"{h}/attn/k", f"{h}/attn/v"], f"{h}/attn/Split", axis=-1)
             g.node("MultiHeadAttention",
                    [f"{h}/attn/q", f"{h}/attn/k", f"{h}/attn/v", qkv_b, "/model/mask/int32", "",
                     contract.PAST_KEY.format(i), contract.PAST_VALUE.format(i)],
