@@ -247,7 +247,9 @@ def inspect(bundle):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New bundle dir (the input is never touched).")
 @click.option("--mode", required=True, type=click.Choice(["int8", "int4", "fp16", "int8-static"]))
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
-              help="int4: weights per quantization block [32].")
+              help="int4: weights per quantization block [64].")
+@click.option("--symmetric/--asymmetric", default=None,
+              help="int4: symmetric blocks (no zero points) or a zero point per block [asymmetric].")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="int4: MatMulNBits compute type; 4 = int8 dot products (fastest on CPU) [4].")
 @click.option("--lm-head", type=click.Choice(["fp32", "int8", "int4"]), default=None,
@@ -264,14 +266,14 @@ def inspect(bundle):
               help="After measuring quality, restrict the LM head to the last position (faster prefill; fused graphs).")
 @click.option("--overwrite", is_flag=True)
 @friendly_errors
-def quantize(bundle, out, mode, block_size, accuracy_level, lm_head, embedding, calibration, eval_text, max_ppl_increase,
+def quantize(bundle, out, mode, block_size, symmetric, accuracy_level, lm_head, embedding, calibration, eval_text, max_ppl_increase,
              force, last_logits_only, overwrite):
     """Write an int8 / int4 / fp16 / int8-static copy of an fp32 bundle, with its measured quality."""
     from edgegpt.export.inspect import describe
     from edgegpt.model.data import read_text
     from edgegpt.quantize.bundle import quantize_bundle
 
-    opts = {"block_size": int(block_size) if block_size else None, "accuracy_level": accuracy_level,
+    opts = {"block_size": int(block_size) if block_size else None, "symmetric": symmetric, "accuracy_level": accuracy_level,
             "lm_head": lm_head, "embedding": embedding}
     quantize_bundle(bundle, out, mode, options=opts, eval_text=read_text(eval_text) if eval_text else None,
                     calibration=read_text(calibration) if calibration else None, max_ppl_increase=max_ppl_increase,

@@ -5,7 +5,7 @@ Every recipe reads the fp32 bundle's graph and writes a new graph with onnxrunti
     int8         quantize_dynamic: per-channel int8 weights of the block MatMuls, int8 activations
                  quantized at run time (MatMulConstBOnly, so attention's activation x activation
                  MatMuls stay fp32); the tied LM head optionally as an 8-bit MatMulNBits.
-    int4         MatMulNBits: weight-only 4-bit blocks (block_size, accuracy_level), LM head 8-bit
+    int4         MatMulNBits: weight-only 4-bit blocks (block_size 64 with zero points, accuracy_level 4), LM head 8-bit
                  by default (most of GPT-2's 4-bit error lives in the tied embedding / head).
     fp16         float16 weights, compute and KV cache for GPU / mobile targets; LayerNormalization,
                  Softmax and the logits stay float32 (fp16 overflow: onnxruntime#6328, #11384); the
@@ -120,9 +120,13 @@ class Int8(Recipe):
 class Int4(Recipe):
     name: ClassVar[str] = "int4"
     budget_pct: ClassVar[float] = 4.0
-    block_size: int = 32
+    # Block 64 with a zero point per block: the same measured quality as block 32 symmetric (KL to
+    # fp32 0.0236 vs 0.0240 on a trained 4x256 model) with half the per-block work, so W1 decode is
+    # 1.24x faster, TTFT 0.85x and peak RSS 48 MB lower (GPT-2 small shape, same run). Block 128
+    # is faster still (1.26x, TTFT 0.71x) at a 33% higher KL: a --block-size 128 choice, not the default.
+    block_size: int = 64
     accuracy_level: int = 4  # int8 activations in the dot product: 2.3x faster decode (onnxruntime/mobius#402)
-    symmetric: bool = True
+    symmetric: bool = False
     lm_head: str = "int8"  # fp32 | int8 | int4
     embedding: str = "auto"  # auto (int8 with a quantized head, else fp32) | fp32 | int8 | int4
 

@@ -52,7 +52,8 @@ def test_recipes_are_what_they_say(quantized):
     m = quantized[1]
     assert m["int8"]["graph"]["op_counts"]["MatMulInteger"] == 4 * 2  # 4 weight matmuls x 2 layers
     assert m["int4"]["graph"]["op_counts"]["com.microsoft.MatMulNBits"] == 4 * 2 + 1  # + the 8-bit LM head
-    assert m["int4"]["recipe"]["block_size"] == 32 and m["int4"]["recipe"]["accuracy_level"] == 4
+    assert m["int4"]["recipe"]["block_size"] == 64 and m["int4"]["recipe"]["accuracy_level"] == 4
+    assert m["int4"]["recipe"]["symmetric"] is False
     for mode in ("int8", "int4"):  # the untied head lets the embedding table shrink to int8 blocks
         assert m[mode]["recipe"]["embedding"] == "int8"
         assert m[mode]["graph"]["op_counts"]["com.microsoft.GatherBlockQuantized"] == 1
@@ -113,9 +114,10 @@ def test_quantize_and_eval_commands(trained_bundle, tmp_path):
     cal = tmp_path / "cal.txt"
     cal.write_text(default_eval_text()[:5000])
     res = CliRunner().invoke(main, ["quantize", str(trained_bundle), "--out", str(tmp_path / "q"), "--mode", "int4",
-                                    "--block-size", "64", "--lm-head", "int4"])
+                                    "--block-size", "32", "--symmetric", "--lm-head", "int4"])
     assert res.exit_code == 0, res.output
-    assert "ppl_increase_pct" in res.output and read_manifest(tmp_path / "q")["recipe"]["block_size"] == 64
+    recipe = read_manifest(tmp_path / "q")["recipe"]
+    assert "ppl_increase_pct" in res.output and recipe["block_size"] == 32 and recipe["symmetric"] is True
     res = CliRunner().invoke(main, ["eval", str(tmp_path / "q"), "--reference", str(trained_bundle),
                                     "--max-tokens", "600"])
     assert res.exit_code == 0 and "perplexity" in res.output and "top-1 agreement" in res.output
