@@ -109,7 +109,9 @@ class Int8(Recipe):
                          # DefaultTensorType: onnx's shape inference cannot see through contrib ops
                          # (MultiHeadAttention, SkipLayerNormalization) of the fused graph
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
-        _finish_head(dst, head, self.lm_head, block_size=32, accuracy_level=4)
+        # 8-bit head in blocks of 128: KL to fp32 unchanged from block 32 (0.00158 vs 0.00155, trained
+        # 4x256 model), W1 decode 1.10-1.12x and 34 MB less RSS on the GPT-2 small shape
+        _finish_head(dst, head, self.lm_head, block_size=128, accuracy_level=4)
         quantize_embedding(dst, embedding)
         return {**self.describe(), "embedding": embedding, "reduce_range": reduce_range, "quantized_matmuls": len(block_matmuls),
                 "cpu_vnni": bool(flags & {"avx512_vnni", "avx_vnni"})}
