@@ -256,7 +256,11 @@ def inspect(bundle):
               help="int8/int4: precision of the tied LM head [int8].")
 @click.option("--embedding", type=click.Choice(["fp32", "int8", "int4"]), default=None,
               help="int8/int4: precision of the token-embedding table (GatherBlockQuantized) [int8 with a quantized head].")
-@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="int8-static: calibration text file.")
+@click.option("--kv-cache", type=click.Choice(["fp32", "int8"]), default=None,
+              help="int8/int4 of a --kv-cache shared export: keep the KV cache in int8 (calibrated scales; faster "
+                   "decode at long context, slower prefill) [fp32].")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+              help="Calibration text file: int8-static, and --kv-cache int8 [builtin:pydoc].")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False),
               help="Text for the perplexity check [a held-out slice of builtin:pydoc].")
 @click.option("--max-ppl-increase", type=float, default=None,
@@ -266,8 +270,8 @@ def inspect(bundle):
               help="After measuring quality, restrict the LM head to the last position (faster prefill; fused graphs).")
 @click.option("--overwrite", is_flag=True)
 @friendly_errors
-def quantize(bundle, out, mode, block_size, symmetric, accuracy_level, lm_head, embedding, calibration, eval_text, max_ppl_increase,
-             force, last_logits_only, overwrite):
+def quantize(bundle, out, mode, block_size, symmetric, accuracy_level, lm_head, embedding, kv_cache, calibration,
+             eval_text, max_ppl_increase, force, last_logits_only, overwrite):
     """Write an int8 / int4 / fp16 / int8-static copy of an fp32 bundle, with its measured quality."""
     from edgegpt.export.inspect import describe
     from edgegpt.model.data import read_text
@@ -277,7 +281,7 @@ def quantize(bundle, out, mode, block_size, symmetric, accuracy_level, lm_head, 
             "lm_head": lm_head, "embedding": embedding}
     quantize_bundle(bundle, out, mode, options=opts, eval_text=read_text(eval_text) if eval_text else None,
                     calibration=read_text(calibration) if calibration else None, max_ppl_increase=max_ppl_increase,
-                    force=force, overwrite=overwrite, last_logits_only=last_logits_only)
+                    force=force, overwrite=overwrite, last_logits_only=last_logits_only, kv_cache=kv_cache)
     click.echo(describe(out))
 
 

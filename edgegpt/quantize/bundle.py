@@ -66,9 +66,11 @@ def _io_for(manifest: dict, kv_dtype: str) -> dict:
 def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Optional[dict] = None,
                     eval_text: Optional[str] = None, calibration: Optional[str] = None,
                     max_ppl_increase: Optional[float] = None, force: bool = False, overwrite: bool = False,
-                    eval_tokens: int = 4096, last_logits_only: bool = False) -> dict:
+                    eval_tokens: int = 4096, last_logits_only: bool = False, kv_cache: Optional[str] = None) -> dict:
     """Quantize ``src`` into ``out``. With ``last_logits_only`` the quality is measured on the full
-    graph, then the LM head is restricted to the last position (faster prefill for generation)."""
+    graph, then the LM head is restricted to the last position (faster prefill for generation).
+    ``kv_cache="int8"`` (int8 / int4 of a shared-KV bundle) also stores the KV cache in int8 with
+    scales calibrated on ``calibration`` (default: builtin:pydoc less its held-out tail)."""
     src, out = Path(src), Path(out)
     manifest = read_manifest(src)
     check_output_dir(out, overwrite=overwrite, what="bundle", inputs=(src,))
@@ -81,6 +83,14 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
     if manifest["graph"]["options"].get("last_logits_only"):
         raise QuantizeError(f"{src} was exported with --last-logits-only; quality is measured by perplexity, which "
                             f"needs every position's logits. Export without --last-logits-only")
+    if kv_cache not in (None, "fp32", "int8"):
+        raise QuantizeError(f"kv_cache must be fp32 or int8, got {kv_cache!r}")
+    kv_int8 = kv_cache == "int8"
+    if kv_int8 and mode not in ("int8", "int4"):
+        raise QuantizeError(f"--kv-cache int8 goes with --mode int8 or int4, not {mode}")
+    if kv_int8 and not manifest["graph"]["options"].get("shared_kv_buffer"):
+        raise QuantizeError(f"{src} has a concat KV cache; an int8 cache needs the shared buffer: "
+                            f"re-export with --kv-cache shared")
     text = eval_text if eval_text is not None else default_eval_text()
     budget = recipe.budget_pct if max_ppl_increase is None else max_ppl_increase
     with atomic_dir(out) as tmp:
@@ -89,6 +99,16 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
                 shutil.copy2(src / name, tmp / name)
         t0 = time.perf_counter()
         info = recipe.apply(src / manifest["graph"]["file"], tmp / "model.onnx", calibration=calibration)
+        kv_dtype = recipe.kv_dtype
+        if kv_int8:
+            from edgegpt.quantize.kvcache import MARGIN, apply_int8_kv, calibrate, calibration_text
+
+            k_scale, v_scale, seen = calibrate(src, calibration_text(calibration))
+            apply_int8_kv(tmp / "model.onnx", k_scale, v_scale)
+            info["kv_cache"] = {"dtype": "int8", "scales": "per head and channel, static", "margin": MARGIN,
+                                "calibration_tokens": seen,
+                                "calibration_text": "user text" if calibration else "builtin:pydoc (training part)"}
+            kv_dtype = "int8"
         quant_s = time.perf_counter() - t0
         import onnx
 
@@ -99,7 +119,7 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
         new = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "verification", "files",
                                                               "size_bytes", "export_seconds")}
         new.update(created_by=f"edgegpt {__version__}", precision=mode, recipe=info, graph=graph,
-                   io=_io_for(manifest, recipe.kv_dtype), targets=recipe.targets,
+                   io=_io_for(manifest, kv_dtype), targets=recipe.targets,
                    source_bundle={"path": str(src.resolve()), "precision": manifest["precision"],
                                   "model_sha256": manifest.get("files", {}).get("model.onnx", {}).get("sha256")},
                    quantize_seconds=round(quant_s, 2))

@@ -18,8 +18,8 @@ from edgegpt.runtime import providers as prov
 
 log = logging.getLogger(__name__)
 
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
-ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "int64": np.int64}
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)", "int64": "tensor(int64)"}
 
 
 def session_options(threads: Optional[int] = None, *, spinning: bool = True, optimization: str = "all",
