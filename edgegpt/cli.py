@@ -328,13 +328,15 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
               help="Checkpoint for --baseline torch [the bundle's source].")
 @click.option("--gguf", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Also time llama.cpp on this GGUF file (scripts/peers/gguf_from_checkpoint.py). Repeatable.")
+@click.option("--genai", "genai_bundles", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Also time onnxruntime-genai's generator on this bundle (any precision; same graph). Repeatable.")
 @click.option("--sweep-context", default=None, help="Comma-separated contexts, e.g. 128,256,512,1024.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw the context sweep to this PNG.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON here.")
 @click.option("--roofline", is_flag=True, help="Probe memory bandwidth and report % of the decode bound.")
 @friendly_errors
 def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider, warmup, runs, settle, baselines,
-          checkpoint, gguf, sweep_context, plot_path, json_path, roofline):
+          checkpoint, gguf, genai_bundles, sweep_context, plot_path, json_path, roofline):
     """Time bundles (interleaved) on a workload: TTFT, decode tok/s, RSS, size, load time."""
     from edgegpt.bench import report
     from edgegpt.bench.bench import BenchConfig, resolve_workload, run_bench
@@ -349,8 +351,8 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
         raise click.UsageError("--plot draws the context sweep: add --sweep-context 128,256,...")
     w = resolve_workload(workload, prompt_tokens, new_tokens, batch)
     cfg = BenchConfig(list(bundles), w, threads, provider, warmup, runs, tuple(baselines), checkpoint, sweep, roofline,
-                      tuple(gguf), settle)
-    n_systems = len(bundles) + len(baselines) + len(gguf)
+                      tuple(gguf), settle, tuple(genai_bundles))
+    n_systems = len(bundles) + len(baselines) + len(gguf) + len(genai_bundles)
     total = n_systems * (warmup + runs + len(sweep))
     try:
         from tqdm.auto import tqdm

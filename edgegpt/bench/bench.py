@@ -31,6 +31,7 @@ class BenchConfig:
     roofline: bool = False
     gguf: tuple[str, ...] = ()  # llama.cpp peers on GGUF files of the same weights
     settle_s: float = 0.25  # idle time before each run (see harness.measure)
+    genai: tuple[str, ...] = ()  # onnxruntime-genai's loop on these bundles (same graphs, its generator)
 
 
 @dataclass
@@ -93,6 +94,9 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
                 raise BenchError(f"--baseline {b} runs the standard contract: add a bundle exported with "
                                  f"--kv-cache concat and without --last-logits-only")
             systems.append(Optimum(plain, cfg.threads) if b == "optimum" else GenAI(plain, cfg.threads))
+    for path in cfg.genai:
+        check_bundles([path])
+        systems.append(GenAI(path, cfg.threads, label=f"onnxruntime-genai ({Path(path).name})"))
     n_ctx = max(512, -(-(w.prompt_tokens + w.new_tokens + max(cfg.sweep or [0])) // 256) * 256)
     for path in cfg.gguf:
         if not Path(path).is_file():
@@ -100,6 +104,7 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
         systems.append(LlamaCpp(path, cfg.threads, n_ctx))
     sizes = {label: bundle_size(b) for b, label in zip(cfg.bundles, labels)}
     sizes.update({s.label: Path(s.gguf).stat().st_size for s in systems if isinstance(s, LlamaCpp)})
+    sizes.update({s.label: bundle_size(s.bundle) for s in systems if isinstance(s, GenAI) and s.bundle in cfg.genai})
     sweep = {}
     for c in cfg.sweep:
         if c + 16 > min(m["max_context"] for m in manifests):

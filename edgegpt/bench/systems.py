@@ -130,8 +130,10 @@ class GenAI(System):
     kind = "genai"
     label = "onnxruntime-genai"
 
-    def __init__(self, bundle: str, threads: Optional[int]):
+    def __init__(self, bundle: str, threads: Optional[int], label: Optional[str] = None):
         self.bundle, self.threads = bundle, threads
+        if label:
+            self.label = label
 
     def load(self) -> None:
         try:

@@ -56,6 +56,20 @@ def test_peer_baselines_when_installed(bundle, baseline, module):
     assert rep.results[1].error is None and rep.results[1].runs[0].decode_tok_s > 0
 
 
+def test_genai_on_any_bundle_including_shared_kv(hf_checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    from edgegpt.export.bundle import export_bundle
+    from edgegpt.export.onnx_export import ExportOptions
+
+    shared = tmp_path / "shared"
+    export_bundle(hf_checkpoint("distil-like"), shared, ExportOptions(kv_cache="shared", last_logits_only=True))
+    res = CliRunner().invoke(main, ["bench", str(shared), "--genai", str(shared), "--prompt-tokens", "8",
+                                    "--new-tokens", "6", "--runs", "1", "--warmup", "0", "--threads", "1",
+                                    "--settle", "0"])
+    assert res.exit_code == 0, res.output
+    assert "| onnxruntime-genai (shared) |" in res.output and "error" not in res.output.lower()
+
+
 def test_roofline_pieces(bundle):
     bw = measure_bandwidth(1, reps=2)
     assert bw["gb_per_s"] > 0.5
