@@ -1,0 +1,36 @@
+"""The benchmark models of DESIGN.md with random weights (no download): GPT-2 small's shape (M124,
+12 layers) or distilgpt2's (M82, --layers 6), vocab 50257, initialised by edgegpt's GPT under seed 0,
+with a byte-level BPE tokenizer trained on builtin:pydoc. Benchmark prompts are token ids, so the
+tokenizer only has to exist.
+
+    python scripts/peers/make_w1_model.py out/m124 [--layers 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from edgegpt.model.checkpoint import save_checkpoint
+from edgegpt.model.data import builtin_pydoc
+from edgegpt.model.gpt import GPT, GPTConfig
+from edgegpt.model.tokenizer import eos_id, train_tokenizer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args()
+    tok = train_tokenizer([builtin_pydoc()], 8192)
+    eos = eos_id(tok)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=args.layers, bos_token_id=eos, eos_token_id=eos)).eval()
+    save_checkpoint(model, tok, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+
+
+if __name__ == "__main__":
+    main()
