@@ -6,19 +6,19 @@ verified against PyTorch the same way. Per layer:
 
       x ──────────────────────────────┐ (residual)
       │                               │
-   LayerNorm / SkipLayerNorm ◀────────┘   (first layer LayerNorm; later layers SkipLayerNorm,
-      │                                     whose 4th output is the new residual sum)
+   LayerNorm(x + bias + residual) ◀───┘   (Add, Add, LayerNormalization: the sum is the new
+      │                                     residual; see _skip_layer_norm for why not SkipLayerNorm)
    MatMul c_attn ─▶ Split q,k,v            (shared KV: + c_attn.b, packed q|k|v, no Split)
       │
    MultiHeadAttention(q, k, v, bias=c_attn.b, key_padding_mask, past_key, past_value)
       │            └──▶ present.{i}.key / .value   (shared KV: GroupQueryAttention in place)
    MatMul c_proj
       │
-   SkipLayerNorm(+ residual, + c_proj.b)  ─▶ new residual
+   LayerNorm(+ c_proj.b, + residual)  ─▶ new residual
       │
    MatMul c_fc ─▶ FastGelu(+ c_fc.b)  (BiasGelu for the erf GELU)
       │
-   MatMul mlp.c_proj  ─▶ (next layer's SkipLayerNorm adds mlp.c_proj.b and the residual)
+   MatMul mlp.c_proj  ─▶ (next layer's first LayerNorm adds mlp.c_proj.b and the residual)
 
 Attention is causal by absolute position (unidirectional with past, bottom-right aligned) and
 masks left padding through key_padding_mask; positions come from the position_ids input.
@@ -47,6 +47,19 @@ class _Graph:
     def node(self, op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs) -> list[str]:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs
+
+
+def _skip_layer_norm(g: _Graph, x: str, bias: str, residual: str, gamma: str, beta: str, out: str, prefix: str,
+                     eps: float) -> str:
+    """out = LayerNorm(x + bias + residual); returns the new residual (the sum). Emitted as two Adds
+    and a LayerNormalization rather than com.microsoft.SkipLayerNormalization: onnxruntime 1.31's
+    CPU SkipLayerNormalization kernel measured 223 us for a 128 x 768 tensor against 41 us for this
+    sequence (4.0 vs 1.7 us at one row), 19% of an int8 prefill. The runtime disables onnxruntime's
+    SkipLayerNormFusion on CPU so the sequence is not fused back."""
+    g.node("Add", [x, bias], [f"{prefix}/biased"], f"{prefix}/AddBias")
+    g.node("Add", [f"{prefix}/biased", residual], [f"{prefix}/residual"], f"{prefix}/AddResidual")
+    g.node("LayerNormalization", [f"{prefix}/residual", gamma, beta], [out], f"{prefix}/LayerNorm", epsilon=eps, axis=-1)
+    return f"{prefix}/residual"
 
 
 def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17,
@@ -92,10 +105,7 @@ def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17,
             g.node("LayerNormalization", [residual, ln1_g, ln1_b], [f"{h}/ln_1/out"], f"{h}/ln_1/LayerNorm",
                    epsilon=eps, axis=-1)
         else:
-            mlp_out, bias = pending_bias
-            g.node("SkipLayerNormalization", [mlp_out, residual, ln1_g, ln1_b, bias],
-                   [f"{h}/ln_1/out", "", "", f"{h}/residual_in"], f"{h}/ln_1/SkipLayerNorm", domain=MS, epsilon=eps)
-            residual = f"{h}/residual_in"
+            residual = _skip_layer_norm(g, *pending_bias, residual, ln1_g, ln1_b, f"{h}/ln_1/out", f"{h}/ln_1", eps)
         qkv_w = g.init(p + "attn.c_attn.weight_t", w(p + "attn.c_attn.weight"))
         qkv_b = g.init(p + "attn.c_attn.bias", sd[p + "attn.c_attn.bias"])
         g.node("MatMul", [f"{h}/ln_1/out", qkv_w], [f"{h}/attn/qkv"], f"{h}/attn/c_attn/MatMul")
@@ -120,9 +130,7 @@ def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17,
         g.node("MatMul", [f"{h}/attn/out", proj_w], [f"{h}/attn/proj"], f"{h}/attn/c_proj/MatMul")
         ln2_g, ln2_b = g.init(p + "ln_2.weight", sd[p + "ln_2.weight"]), g.init(p + "ln_2.bias", sd[p + "ln_2.bias"])
         proj_b = g.init(p + "attn.c_proj.bias", sd[p + "attn.c_proj.bias"])
-        g.node("SkipLayerNormalization", [f"{h}/attn/proj", residual, ln2_g, ln2_b, proj_b],
-               [f"{h}/ln_2/out", "", "", f"{h}/residual_mid"], f"{h}/ln_2/SkipLayerNorm", domain=MS, epsilon=eps)
-        residual = f"{h}/residual_mid"
+        residual = _skip_layer_norm(g, f"{h}/attn/proj", proj_b, residual, ln2_g, ln2_b, f"{h}/ln_2/out", f"{h}/ln_2", eps)
         fc_w = g.init(p + "mlp.c_fc.weight_t", w(p + "mlp.c_fc.weight"))
         fc_b = g.init(p + "mlp.c_fc.bias", sd[p + "mlp.c_fc.bias"])
         g.node("MatMul", [f"{h}/ln_2/out", fc_w], [f"{h}/mlp/fc"], f"{h}/mlp/c_fc/MatMul")
@@ -133,9 +141,7 @@ def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17,
 
     lnf_g = g.init("transformer.ln_f.weight", sd["transformer.ln_f.weight"])
     lnf_b = g.init("transformer.ln_f.bias", sd["transformer.ln_f.bias"])
-    mlp_out, bias = pending_bias
-    g.node("SkipLayerNormalization", [mlp_out, residual, lnf_g, lnf_b, bias], ["/model/ln_f/out"],
-           "/model/ln_f/SkipLayerNorm", domain=MS, epsilon=eps)
+    _skip_layer_norm(g, *pending_bias, residual, lnf_g, lnf_b, "/model/ln_f/out", "/model/ln_f", eps)
     hidden = "/model/ln_f/out"
     if last_logits_only:  # (B, T, C) -> (B, 1, C): skip the LM head for every prompt position but the last
         g.node("Slice", [hidden, g.init("/model/last/starts", np.array([-1], np.int64)),

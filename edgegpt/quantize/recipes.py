@@ -8,9 +8,7 @@ Every recipe reads the fp32 bundle's graph and writes a new graph with onnxrunti
     int4         MatMulNBits: weight-only 4-bit blocks (block_size 64 with zero points, accuracy_level 4), LM head 8-bit
                  by default (most of GPT-2's 4-bit error lives in the tied embedding / head).
     fp16         float16 weights, compute and KV cache for GPU / mobile targets; LayerNormalization,
-                 Softmax and the logits stay float32 (fp16 overflow: onnxruntime#6328, #11384); the
-                 fused graph's SkipLayerNormalization takes fp16 tensors (blocking it makes the
-                 converter emit mistyped graphs) and its kernels accumulate statistics in fp32.
+                 Softmax and the logits stay float32 (fp16 overflow: onnxruntime#6328, #11384).
     int8-static  QDQ static quantization calibrated on the user's text, for NNAPI / QNN / XNNPACK.
 """
 
@@ -164,6 +162,15 @@ class Fp16(Recipe):
         from edgegpt.export.graph import topological_sort
 
         model = onnx.load(str(src))
+        # The converter places its Casts by the types in value_info; onnx's own shape inference stops at
+        # contrib ops, so without this a tensor feeding both a blocked LayerNormalization and an fp16 Add
+        # gets no Cast and the graph is mistyped.
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        try:
+            model = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        except Exception as e:  # noqa: BLE001 - the converter still works on graphs it can type itself
+            log.debug("symbolic shape inference failed (%s); converting without it", e)
         # logits stay fp32 (sampling and perplexity want them); the KV cache goes fp16.
         keep = [contract.LOGITS]
         blocked = ["LayerNormalization", "Softmax"]

@@ -19,6 +19,7 @@ from edgegpt.runtime import providers as prov
 log = logging.getLogger(__name__)
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "int64": np.int64}
+CPU_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)", "int64": "tensor(int64)"}
 
 
@@ -81,8 +82,11 @@ class ModelSession:
         self.device = prov.DEVICE.get(self.provider, "cpu")
         so = session_options(threads, spinning=spinning, optimization=optimization, config=session_config)
         path = self.bundle / m["graph"]["file"]
+        # On CPU keep LayerNorm(x + bias + residual) as Add, Add, LayerNormalization: onnxruntime's
+        # fusion into SkipLayerNormalization makes it ~5x slower there (see export/fused.py).
+        disabled = CPU_DISABLED_OPTIMIZERS if self.provider == "cpu" else []
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=plist)
+            self.session = ort.InferenceSession(str(path), so, providers=plist, disabled_optimizers=disabled)
         except Exception as e:  # onnxruntime raises Fail / InvalidProtobuf / NoSuchFile ...
             raise BundleError(f"{self.bundle}: onnxruntime cannot load {path.name} "
                               f"({str(e).splitlines()[0][:200]}); re-run `edgegpt export`") from None
