@@ -245,7 +245,8 @@ def inspect(bundle):
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New bundle dir (the input is never touched).")
-@click.option("--mode", required=True, type=click.Choice(["int8", "int4", "fp16", "int8-static"]))
+@click.option("--mode", required=True, type=click.Choice(["int8", "int4", "fp16", "int8-static", "fp32"]),
+              help="fp32 keeps the weights: use it with --kv-cache int8.")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
               help="int4: weights per quantization block [64].")
 @click.option("--symmetric/--asymmetric", default=None,
@@ -257,7 +258,7 @@ def inspect(bundle):
 @click.option("--embedding", type=click.Choice(["fp32", "int8", "int4"]), default=None,
               help="int8/int4: precision of the token-embedding table (GatherBlockQuantized) [int8 with a quantized head].")
 @click.option("--kv-cache", type=click.Choice(["fp32", "int8"]), default=None,
-              help="int8/int4 of a --kv-cache shared export: keep the KV cache in int8 (calibrated scales; faster "
+              help="fp32/int8/int4 of a --kv-cache shared export: keep the KV cache in int8 (calibrated scales; faster "
                    "decode at long context, slower prefill) [fp32].")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help="Calibration text file: int8-static, and --kv-cache int8 [builtin:pydoc].")

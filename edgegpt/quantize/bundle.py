@@ -78,6 +78,8 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
     if manifest["precision"] != "fp32":
         raise QuantizeError(f"{src} is already {manifest['precision']}; quantizing it again to {mode} compounds the "
                             f"error. Quantize the fp32 bundle it came from instead")
+    if any(x["dtype"] != "float32" for x in manifest["io"]["inputs"] if x["name"].startswith("past_key_values.")):
+        raise QuantizeError(f"{src} already keeps a quantized KV cache; quantize the fp32 bundle it came from instead")
     if manifest["graph"].get("external_data"):
         raise QuantizeError(f"{src} keeps its weights in external data; quantizing > 1.5 GB graphs is not supported yet")
     if manifest["graph"]["options"].get("last_logits_only"):
@@ -86,8 +88,10 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
     if kv_cache not in (None, "fp32", "int8"):
         raise QuantizeError(f"kv_cache must be fp32 or int8, got {kv_cache!r}")
     kv_int8 = kv_cache == "int8"
-    if kv_int8 and mode not in ("int8", "int4"):
-        raise QuantizeError(f"--kv-cache int8 goes with --mode int8 or int4, not {mode}")
+    if kv_int8 and mode not in ("fp32", "int8", "int4"):
+        raise QuantizeError(f"--kv-cache int8 goes with --mode fp32, int8 or int4, not {mode}")
+    if mode == "fp32" and not kv_int8:
+        raise QuantizeError("--mode fp32 keeps the weights as they are; it is only useful with --kv-cache int8")
     if kv_int8 and not manifest["graph"]["options"].get("shared_kv_buffer"):
         raise QuantizeError(f"{src} has a concat KV cache; an int8 cache needs the shared buffer: "
                             f"re-export with --kv-cache shared")

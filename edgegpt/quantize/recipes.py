@@ -10,6 +10,7 @@ Every recipe reads the fp32 bundle's graph and writes a new graph with onnxrunti
     fp16         float16 weights, compute and KV cache for GPU / mobile targets; LayerNormalization,
                  Softmax and the logits stay float32 (fp16 overflow: onnxruntime#6328, #11384).
     int8-static  QDQ static quantization calibrated on the user's text, for NNAPI / QNN / XNNPACK.
+    fp32         the weights as they are, for --kv-cache int8 alone.
 """
 
 from __future__ import annotations
@@ -145,6 +146,22 @@ class Int4(Recipe):
                      block_size=HEAD_BLOCK, accuracy_level=self.accuracy_level)
         quantize_embedding(dst, embedding)
         return {**self.describe(), "embedding": embedding}
+
+
+@register
+@dataclass
+class Fp32(Recipe):
+    """fp32 weights unchanged: only useful with ``--kv-cache int8``, which then stores the cache of an
+    fp32 model in int8 (llama.cpp's f32 models keep an f16 cache for the same reason)."""
+
+    name: ClassVar[str] = "fp32"
+    budget_pct: ClassVar[float] = 1.0
+
+    def apply(self, src, dst, *, calibration=None):
+        import shutil
+
+        shutil.copyfile(src, dst)
+        return self.describe()
 
 
 @register

@@ -74,6 +74,17 @@ def test_int8_cache_refuses_concat_bundles_and_other_modes(shared_bundles, train
     root, _, _ = shared_bundles
     with pytest.raises(QuantizeError, match="--kv-cache shared"):
         quantize_bundle(trained_bundle, tmp_path / "x", "int4", kv_cache="int8")
-    with pytest.raises(QuantizeError, match="int8 or int4"):
+    with pytest.raises(QuantizeError, match="only useful with --kv-cache int8"):
+        quantize_bundle(root / "fp32", tmp_path / "z", "fp32")
+    with pytest.raises(QuantizeError, match="fp32, int8 or int4"):
         quantize_bundle(root / "fp32", tmp_path / "y", "fp16", kv_cache="int8")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+def test_fp32_weights_with_an_int8_cache(shared_bundles, tmp_path):
+    root, _, _ = shared_bundles
+    m = quantize_bundle(root / "fp32", tmp_path / "f", "fp32", eval_tokens=EVAL_TOKENS, kv_cache="int8")
+    assert m["precision"] == "fp32" and m["recipe"]["kv_cache"]["dtype"] == "int8"
+    assert m["quality"]["kl_mean"] < 2e-3 and m["quality"]["ppl_increase_pct"] <= 1.0
+    with pytest.raises(QuantizeError, match="already keeps a quantized KV cache"):
+        quantize_bundle(tmp_path / "f", tmp_path / "g", "int4")
