@@ -40,8 +40,8 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     last_logits_only: bool = False
     external_data: str = "auto"  # auto | always | never
-    # fused: built from our weights with onnxruntime contrib ops (MultiHeadAttention,
-    # SkipLayerNormalization, FastGelu): the fastest on CPU/CUDA. traced: torch.onnx's standard-op
+    # fused: built from our weights with onnxruntime contrib ops (MultiHeadAttention or
+    # GroupQueryAttention, FastGelu): the fastest on CPU/CUDA. traced: torch.onnx's standard-op
     # graph, for providers that lack the contrib ops (NNAPI, CoreML, QNN, XNNPACK, other runtimes).
     graph: str = "fused"
     # concat: present = past + new (any runtime, Optimum included); shared: one fixed-capacity buffer

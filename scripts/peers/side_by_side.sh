@@ -38,3 +38,7 @@ for W in W1 W2; do
   edgegpt bench "$OUT/fp32" "$OUT/int8" "$OUT/int4" "$OUT/int8-kv8" "$OUT/int4-kv8" "${PEERS[@]}" \
     --workload "$W" --runs "$RUNS" --roofline --json "$OUT/$W.json" | tee "$OUT/$W.txt"
 done
+
+echo "== decode ms/token after 192 and 960 context tokens (the mean contexts of W1 and W2), one invocation"
+edgegpt bench "$OUT/fp32" "$OUT/int8" "$OUT/int4" "$OUT/int8-kv8" "$OUT/int4-kv8" "${PEERS[@]}" \
+  --prompt-tokens 16 --new-tokens 16 --sweep-context 192,960 --runs "$RUNS" --json "$OUT/sweep.json" | tee "$OUT/sweep.txt"
