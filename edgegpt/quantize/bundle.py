@@ -69,8 +69,9 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
                     eval_tokens: int = 4096, last_logits_only: bool = False, kv_cache: Optional[str] = None) -> dict:
     """Quantize ``src`` into ``out``. With ``last_logits_only`` the quality is measured on the full
     graph, then the LM head is restricted to the last position (faster prefill for generation).
-    ``kv_cache="int8"`` (int8 / int4 of a shared-KV bundle) also stores the KV cache in int8 with
-    scales calibrated on ``calibration`` (default: builtin:pydoc less its held-out tail)."""
+    ``kv_cache="int8"`` (modes fp32 / int8 / int4 of a shared-KV bundle) also stores the KV cache in
+    int8 with scales calibrated on ``calibration`` (default: builtin:pydoc less its held-out tail);
+    mode fp32 keeps the weights and only quantizes the cache."""
     src, out = Path(src), Path(out)
     manifest = read_manifest(src)
     check_output_dir(out, overwrite=overwrite, what="bundle", inputs=(src,))
