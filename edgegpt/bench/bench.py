@@ -104,7 +104,7 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
         systems.append(LlamaCpp(path, cfg.threads, n_ctx))
     sizes = {label: bundle_size(b) for b, label in zip(cfg.bundles, labels)}
     sizes.update({s.label: Path(s.gguf).stat().st_size for s in systems if isinstance(s, LlamaCpp)})
-    sizes.update({s.label: bundle_size(s.bundle) for s in systems if isinstance(s, GenAI) and s.bundle in cfg.genai})
+    sizes.update({s.label: bundle_size(s.bundle) for s in systems if isinstance(s, GenAI)})
     sweep = {}
     for c in cfg.sweep:
         if c + 16 > min(m["max_context"] for m in manifests):

@@ -48,10 +48,7 @@ def calibrate(bundle: str | Path, text: str, *, windows: int = 8, window: int = 
     from edgegpt.runtime.session import ModelSession
     from edgegpt.runtime.text import load_bundle_tokenizer
 
-    s = ModelSession(bundle)
-    if not s.kv_capacity:
-        raise QuantizeError(f"{bundle} has a concat KV cache; an int8 cache needs the shared buffer: "
-                            f"export with --kv-cache shared")
+    s = ModelSession(bundle)  # quantize_bundle has checked that it keeps a shared buffer
     ids = load_bundle_tokenizer(bundle).encode(text).ids
     window = min(window, s.max_context, len(ids))
     if window < 16:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,8 +159,6 @@ class Fp32(Recipe):
     budget_pct: ClassVar[float] = 1.0
 
     def apply(self, src, dst, *, calibration=None):
-        import shutil
-
         shutil.copyfile(src, dst)
         return self.describe()
 
@@ -173,6 +172,7 @@ class Fp16(Recipe):
     targets: ClassVar[str] = "cuda, coreml, dml (fp16 on a CPU is slower than fp32: onnxruntime#9892)"
 
     def apply(self, src, dst, *, calibration=None):
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         from edgegpt import contract
@@ -182,8 +182,6 @@ class Fp16(Recipe):
         # The converter places its Casts by the types in value_info; onnx's own shape inference stops at
         # contrib ops, so without this a tensor feeding both a blocked LayerNormalization and an fp16 Add
         # gets no Cast and the graph is mistyped.
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
         try:
             model = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
         except Exception as e:  # noqa: BLE001 - the converter still works on graphs it can type itself
