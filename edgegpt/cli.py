@@ -248,9 +248,12 @@ def inspect(bundle):
 @click.option("--mode", required=True, type=click.Choice(["int8", "int4", "fp16", "int8-static", "fp32"]),
               help="fp32 keeps the weights: use it with --kv-cache int8.")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
-              help="int4: weights per quantization block [64].")
+              help="int4: weights per quantization block [128].")
 @click.option("--symmetric/--asymmetric", default=None,
               help="int4: symmetric blocks (no zero points) or a zero point per block [asymmetric].")
+@click.option("--algorithm", type=click.Choice(["rtn", "gptq"]), default=None,
+              help="int4: GPTQ (rounding errors corrected on calibration text: about half the KL to fp32 of rtn, "
+                   "same speed, slower to quantize) or rtn (round to nearest) [gptq].")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="int4: MatMulNBits compute type; 4 = int8 dot products (fastest on CPU) [4].")
 @click.option("--lm-head", type=click.Choice(["fp32", "int8", "int4"]), default=None,
@@ -261,7 +264,7 @@ def inspect(bundle):
               help="fp32/int8/int4 of a --kv-cache shared export: keep the KV cache in int8 (calibrated scales; faster "
                    "decode at long context, slower prefill) [fp32].")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
-              help="Calibration text file: int8-static, and --kv-cache int8 [builtin:pydoc].")
+              help="Calibration text file: int8-static, int4 --algorithm gptq and --kv-cache int8 [builtin:pydoc].")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False),
               help="Text for the perplexity check [a held-out slice of builtin:pydoc].")
 @click.option("--max-ppl-increase", type=float, default=None,
@@ -271,7 +274,7 @@ def inspect(bundle):
               help="After measuring quality, restrict the LM head to the last position (faster prefill; fused graphs).")
 @click.option("--overwrite", is_flag=True)
 @friendly_errors
-def quantize(bundle, out, mode, block_size, symmetric, accuracy_level, lm_head, embedding, kv_cache, calibration,
+def quantize(bundle, out, mode, block_size, symmetric, algorithm, accuracy_level, lm_head, embedding, kv_cache, calibration,
              eval_text, max_ppl_increase, force, last_logits_only, overwrite):
     """Write an int8 / int4 / fp16 / int8-static copy of an fp32 bundle, with its measured quality."""
     from edgegpt.export.inspect import describe
@@ -279,7 +282,7 @@ def quantize(bundle, out, mode, block_size, symmetric, accuracy_level, lm_head, 
     from edgegpt.quantize.bundle import quantize_bundle
 
     opts = {"block_size": int(block_size) if block_size else None, "symmetric": symmetric, "accuracy_level": accuracy_level,
-            "lm_head": lm_head, "embedding": embedding}
+            "lm_head": lm_head, "embedding": embedding, "algorithm": algorithm}
     quantize_bundle(bundle, out, mode, options=opts, eval_text=read_text(eval_text) if eval_text else None,
                     calibration=read_text(calibration) if calibration else None, max_ppl_increase=max_ppl_increase,
                     force=force, overwrite=overwrite, last_logits_only=last_logits_only, kv_cache=kv_cache)

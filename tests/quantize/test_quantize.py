@@ -52,7 +52,8 @@ def test_recipes_are_what_they_say(quantized):
     m = quantized[1]
     assert m["int8"]["graph"]["op_counts"]["MatMulInteger"] == 4 * 2  # 4 weight matmuls x 2 layers
     assert m["int4"]["graph"]["op_counts"]["com.microsoft.MatMulNBits"] == 4 * 2 + 1  # + the 8-bit LM head
-    assert m["int4"]["recipe"]["block_size"] == 64 and m["int4"]["recipe"]["accuracy_level"] == 4
+    assert m["int4"]["recipe"]["block_size"] == 128 and m["int4"]["recipe"]["accuracy_level"] == 4
+    assert m["int4"]["recipe"]["algorithm"] == "gptq"
     assert m["int4"]["recipe"]["symmetric"] is False
     for mode in ("int8", "int4"):  # the untied head lets the embedding table shrink to int8 blocks
         assert m[mode]["recipe"]["embedding"] == "int8"

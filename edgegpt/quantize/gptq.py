@@ -1,0 +1,206 @@
+"""GPTQ for the int4 recipe: 4-bit blocks whose rounding error is corrected with calibration text.
+
+GPTQ (Frantar et al., 2022) quantizes a weight's input rows one at a time and pushes each row's
+rounding error into the rows not yet quantized, weighted by the inverse Hessian of the layer's
+reconstruction error, H = 2 X^T X over calibration activations X. The result is ordinary
+MatMulNBits blocks (same format, same kernels, same speed as round-to-nearest), only better chosen.
+
+onnxruntime ships a GPTQ (onnxruntime.quantization.neural_compressor.weight_only.gptq), but as of
+1.31 it reads the lower triangle of an upper-triangular Cholesky factor, so no error is ever
+propagated and its output equals round-to-nearest bit for bit (tests/quantize/test_gptq.py shows
+both). Hence this implementation; the calibration pass and the graph rewrite use onnxruntime and
+onnx helpers.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import Counter
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgegpt.errors import QuantizeError
+
+log = logging.getLogger(__name__)
+
+MAXQ = 15  # 4-bit codes 0..15
+FEEDS_PER_PRODUCT = 8
+
+
+def _grid(w: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per output column of a (rows, N) group, as MatMulNBits dequantizes:
+    w = (q - zero) * scale. The range always includes 0, like onnxruntime's round-to-nearest."""
+    lo = np.minimum(w.min(axis=0), 0.0)
+    hi = np.maximum(w.max(axis=0), 0.0)
+    if symmetric:
+        amax = np.maximum(-lo, hi)
+        scale = amax / 7  # codes 1..15 around MatMulNBits' default zero point 8
+        zero = np.full_like(scale, 8.0)
+    else:
+        scale = (hi - lo) / MAXQ
+        zero = np.zeros_like(scale)
+        ok = scale > 0
+        zero[ok] = np.clip(np.round(-lo[ok] / scale[ok]), 0, MAXQ)
+    scale = np.where(scale > 0, scale, 1.0)
+    return scale, zero
+
+
+def gptq_matrix(w: np.ndarray, h: np.ndarray, *, block_size: int, symmetric: bool = False,
+                damp: float = 0.01, step: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize ``w`` (K inputs x N outputs) in 4-bit blocks of ``block_size`` input rows with GPTQ
+    under Hessian ``h`` (K x K). Returns codes (K padded to whole blocks, N) uint8, and scales and zero
+    points (blocks, N)."""
+    k0, n = w.shape
+    k = -(-k0 // block_size) * block_size  # MatMulNBits pads K to whole blocks; padded inputs are dead
+    w = np.pad(w.astype(np.float64), ((0, k - k0), (0, 0)))
+    h = np.pad(h.astype(np.float64), ((0, k - k0), (0, k - k0)))
+    dead = np.diag(h) == 0  # an input that never moved: its weights do not matter
+    h[dead, dead] = 1.0
+    w[dead, :] = 0.0
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: inv(H) = u^T u
+    except np.linalg.LinAlgError as e:
+        raise QuantizeError(f"GPTQ: the calibration Hessian is not positive definite ({e}); give more text") from None
+    codes = np.zeros((k, n), np.uint8)
+    scales = np.zeros((k // block_size, n), np.float64)
+    zeros = np.zeros_like(scales)
+    step = max(block_size, step - step % block_size)
+    for i1 in range(0, k, step):
+        i2 = min(i1 + step, k)
+        w1 = w[i1:i2]  # a view: updated in place
+        err = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            row = i1 + i
+            if row % block_size == 0:  # the group's grid, from its weights as updated so far
+                s, z = _grid(w1[i:i + block_size], symmetric)
+                scales[row // block_size], zeros[row // block_size] = s, z
+            q = np.clip(np.round(w1[i] / s) + z, 0, MAXQ)
+            codes[row] = q
+            e = (w1[i] - (q - z) * s) / u1[i, i]
+            w1[i + 1:] -= np.outer(u1[i, i + 1:], e)
+            err[i] = e
+        w[i2:] -= u[i1:i2, i2:].T @ err
+    return codes, scales.astype(np.float32), zeros.astype(np.uint8)
+
+
+def pack_matmulnbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
+                     block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MatMulNBits' 4-bit layout: B (N, blocks, block_size/2) with the even element in the low
+    nibble, scales (N * blocks), zero points (N, ceil(blocks/2)) packed the same way."""
+    k, n = codes.shape
+    blocks = k // block_size
+    c = codes.T.reshape(n, blocks, block_size)
+    b = (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+    z = zeros.T  # (N, blocks)
+    if blocks % 2:
+        z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+    zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+    return b, np.ascontiguousarray(scales.T).reshape(-1), zp.reshape(-1)
+
+
+def hessians(model: onnx.ModelProto, inputs: list[str], feeds: list[dict], *,
+             budget_bytes: int = 640 << 20) -> dict[str, np.ndarray]:
+    """H = 2 X^T X / rows for each named activation over the prefill ``feeds`` (fp32 graph).
+
+    The graph is run with the activations as its only outputs, so onnxruntime prunes the LM head
+    (a third of a GPT-2 small prefill). Hessians accumulate in float32 and are read in groups that fit
+    ``budget_bytes``, one pass over the feeds per group: GPT-2 small's 48 take 535 MB, one pass."""
+    import onnxruntime as ort
+
+    dims = _widths(model, inputs)
+    groups, cur, size = [], [], 0
+    for name in inputs:
+        need = dims[name] ** 2 * 4
+        if cur and size + need > budget_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += need
+    if cur:
+        groups.append(cur)
+    out: dict[str, np.ndarray] = {}
+    saved = list(model.graph.output)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
+    for group in groups:
+        del model.graph.output[:]
+        model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in group)
+        try:  # from a file: a session made from bytes keeps them (another copy of every weight)
+            with tempfile.TemporaryDirectory(prefix="edgegpt-gptq-") as tmp:
+                onnx.save_model(model, f"{tmp}/probe.onnx")
+                sess = ort.InferenceSession(f"{tmp}/probe.onnx", so, providers=["CPUExecutionProvider"])
+        finally:
+            del model.graph.output[:]
+            model.graph.output.extend(saved)
+        acc = {name: np.zeros((dims[name], dims[name]), np.float32) for name in group}
+        rows, pending = 0, {name: [] for name in group}
+        for i, feed in enumerate(feeds):
+            for name, x in zip(group, sess.run(group, feed)):
+                pending[name].append(x.reshape(-1, x.shape[-1]))
+            rows += pending[group[0]][-1].shape[0]
+            if (i + 1) % FEEDS_PER_PRODUCT == 0 or i + 1 == len(feeds):
+                for name in group:  # one tall product: ~7x the GEMM rate of one per window
+                    x = np.concatenate(pending[name])
+                    acc[name] += x.T @ x
+                    pending[name] = []
+        del sess
+        out.update({name: h * np.float32(2.0 / rows) for name, h in acc.items()})
+        del acc
+    return out
+
+
+def _widths(model: onnx.ModelProto, inputs: list[str]) -> dict[str, int]:
+    """The last dimension of each activation: from the MatMul weights that consume it."""
+    inits = {t.name: t for t in model.graph.initializer}
+    widths = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[0] in inputs and node.input[1] in inits:
+            widths[node.input[0]] = int(inits[node.input[1]].dims[0])
+    return widths
+
+
+def gptq_model(model: onnx.ModelProto, feeds: list[dict], *, block_size: int, symmetric: bool,
+               accuracy_level: int, exclude: Optional[set[str]] = None) -> int:
+    """Replace every MatMul with a constant 2-D weight (except ``exclude``) by a GPTQ-quantized
+    4-bit MatMulNBits, in place. Returns the number of MatMuls replaced."""
+    inits = {t.name: t for t in model.graph.initializer}
+    targets = [n for n in model.graph.node if n.op_type == "MatMul" and n.name not in (exclude or set())
+               and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+    hs = hessians(model, sorted({n.input[0] for n in targets}), feeds)
+    from tqdm.auto import tqdm
+
+    replaced, uses = {}, Counter(n.input[0] for n in targets)
+    for node in tqdm(targets, desc="gptq", unit="matmul", leave=False, disable=None):
+        w = numpy_helper.to_array(inits[node.input[1]])
+        uses[node.input[0]] -= 1  # free each Hessian after its last MatMul
+        h = hs[node.input[0]] if uses[node.input[0]] else hs.pop(node.input[0])
+        codes, scales, zeros = gptq_matrix(w, h, block_size=block_size, symmetric=symmetric)
+        b, s, z = pack_matmulnbits(codes, scales, zeros, block_size)
+        base = node.input[1]
+        new = [numpy_helper.from_array(b, f"{base}_Q4"), numpy_helper.from_array(s, f"{base}_scales")]
+        ins = [node.input[0], new[0].name, new[1].name]
+        if not symmetric:
+            new.append(numpy_helper.from_array(z, f"{base}_zero_points"))
+            ins.append(new[2].name)
+        model.graph.initializer.extend(new)
+        k, n = w.shape
+        replaced[node.name] = helper.make_node(
+            "MatMulNBits", ins, list(node.output), name=f"{node.name}_Q4", domain="com.microsoft",
+            K=k, N=n, bits=4, block_size=block_size, **({"accuracy_level": accuracy_level} if accuracy_level else {}))
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.name in replaced:
+            node.CopyFrom(replaced[node.name])
+    still_used = {i for n in model.graph.node for i in n.input}
+    for i in reversed(range(len(model.graph.initializer))):  # by index: no comparisons of big tensors
+        if model.graph.initializer[i].name not in still_used:
+            del model.graph.initializer[i]
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(targets)

@@ -1,0 +1,93 @@
+"""GPTQ for int4: the algorithm on synthetic layers, the MatMulNBits packing, and the recipe on trained weights."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgegpt.quantize.bundle import quantize_bundle
+from edgegpt.quantize.gptq import gptq_matrix, pack_matmulnbits
+
+EVAL_TOKENS = 1500
+
+
+def _layer(k=256, n=64, rows=2000, seed=0):
+    """A weight and correlated activations, like a LayerNorm output feeding a projection."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)) * 0.02
+    x = rng.standard_normal((rows, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)))
+    return w, x, 2 * x.T @ x / rows
+
+
+def _dequant(codes, scales, zeros, block):
+    k, n = codes.shape
+    c = codes.astype(np.float64).reshape(k // block, block, n)
+    return ((c - zeros.astype(np.float64)[:, None]) * scales[:, None]).reshape(k, n)
+
+
+def test_gptq_halves_the_output_error_of_round_to_nearest():
+    w, x, h = _layer()
+    q = _dequant(*gptq_matrix(w, h, block_size=64), 64)
+    rtn = _dequant(*gptq_matrix(w, np.eye(len(w)), block_size=64), 64)  # no correlations: plain rounding
+    # round to nearest: every weight within half a step of its grid
+    codes, scales, zeros = gptq_matrix(w, np.eye(len(w)), block_size=64)
+    assert np.all(np.abs(rtn - w) <= np.repeat(scales, 64, axis=0) / 2 + 1e-12)
+    err_q, err_rtn = np.mean((x @ (q - w)) ** 2), np.mean((x @ (rtn - w)) ** 2)
+    assert err_q < 0.6 * err_rtn, (err_q, err_rtn)
+    # it buys the output error with (a little) weight error: it is not just a finer grid
+    assert np.mean((q - w) ** 2) > np.mean((rtn - w) ** 2)
+
+
+@pytest.mark.parametrize("k,block,symmetric", [(192, 64, False), (192, 64, True), (100, 32, False), (256, 128, False)])
+def test_packing_is_what_matmulnbits_computes(k, block, symmetric):
+    w, x, h = _layer(k=k, n=48, rows=300, seed=1)
+    codes, scales, zeros = gptq_matrix(w, h, block_size=block, symmetric=symmetric)
+    if symmetric:
+        assert np.all(zeros == 8)
+    b, s, z = pack_matmulnbits(codes, scales, zeros, block)
+    inits = [numpy_helper.from_array(b, "b"), numpy_helper.from_array(s, "s")]
+    ins = ["x", "b", "s"]
+    if not symmetric:  # MatMulNBits without zero points assumes 8, as the symmetric grid does
+        inits.append(numpy_helper.from_array(z, "z"))
+        ins.append("z")
+    node = helper.make_node("MatMulNBits", ins, ["y"], domain="com.microsoft", K=k, N=48, bits=4, block_size=block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=9)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    xs = x[:8].astype(np.float32)
+    want = xs.astype(np.float64) @ _dequant(codes, scales, zeros, block)[:k]
+    np.testing.assert_allclose(sess.run(None, {"x": xs})[0], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def int4_pair(trained_bundle, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gptq")
+    opts = {"block_size": 32}
+    rtn = quantize_bundle(trained_bundle, root / "rtn", "int4", eval_tokens=EVAL_TOKENS,
+                          options={**opts, "algorithm": "rtn"})
+    gptq = quantize_bundle(trained_bundle, root / "gptq", "int4", eval_tokens=EVAL_TOKENS,
+                           options={**opts, "algorithm": "gptq"})
+    return root, rtn, gptq
+
+
+def test_gptq_bundle_is_closer_to_fp32_than_round_to_nearest(int4_pair):
+    _, rtn, gptq = int4_pair
+    assert gptq["recipe"]["algorithm"] == "gptq" and gptq["recipe"]["calibration_tokens"] >= 1000
+    assert gptq["recipe"]["gptq_matmuls"] == 2 * 4  # every block MatMul; the head stays 8-bit
+    assert gptq["quality"]["kl_mean"] < 0.8 * rtn["quality"]["kl_mean"], (gptq["quality"], rtn["quality"])
+    assert gptq["quality"]["ppl_increase_pct"] <= gptq["quality"]["budget_pct"]
+
+
+def test_gptq_bundle_has_the_same_graph_as_round_to_nearest(int4_pair):
+    root, rtn, gptq = int4_pair
+    assert gptq["graph"]["op_counts"] == rtn["graph"]["op_counts"]
+
+    def nbits(path):
+        m = onnx.load(str(path / "model.onnx"))
+        return sorted((n.name, tuple((a.name, a.i) for a in n.attribute)) for n in m.graph.node
+                      if n.op_type == "MatMulNBits")
+
+    assert [a for _, a in nbits(root / "gptq")] == [a for _, a in nbits(root / "rtn")]
