@@ -91,3 +91,13 @@ def test_gptq_bundle_has_the_same_graph_as_round_to_nearest(int4_pair):
                       if n.op_type == "MatMulNBits")
 
     assert [a for _, a in nbits(root / "gptq")] == [a for _, a in nbits(root / "rtn")]
+
+
+def test_too_little_calibration_text_is_a_clear_error_and_writes_nothing(trained_bundle, tmp_path):
+    from edgegpt.errors import QuantizeError
+
+    with pytest.raises(QuantizeError, match="calibration text is .* tokens"):
+        quantize_bundle(trained_bundle, tmp_path / "q", "int4", calibration="too short", eval_tokens=EVAL_TOKENS)
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(QuantizeError, match="algorithm must be one of rtn, gptq"):
+        quantize_bundle(trained_bundle, tmp_path / "q", "int4", options={"algorithm": "awq"})
