@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -79,28 +79,36 @@ def evaluate(bundle: str | Path, text: str, *, window: Optional[int] = None, str
         raise QuantizeError(f"{bundle} was exported with --last-logits-only; perplexity needs every position's logits "
                             f"(export without it)")
     ids = np.asarray(load_bundle_tokenizer(bundle).encode(text).ids[:max_tokens], dtype=np.int64)
-    window = min(window or 256, sess.max_context)
+    ref = ModelSession(reference, threads=threads) if reference else None
+    return score(lambda chunk: _logits(sess, chunk), ids, window=min(window or 256, sess.max_context), stride=stride,
+                 reference=(lambda chunk: _logits(ref, chunk)) if ref is not None else None)
+
+
+def score(logits: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, *, window: int, stride: Optional[int] = None,
+          reference: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> EvalResult:
+    """Perplexity (and KL / top-1 agreement against ``reference``) of any model given as a function
+    from a window of token ids to its (tokens, vocab) logits: bundles here, and peers such as
+    llama.cpp in scripts/peers/kl_vs_llama.py, scored on exactly the same windows."""
     stride = stride or window // 2
     if not 0 < stride <= window:
         raise DataError(f"stride must be in (0, window={window}], got {stride}")
     if len(ids) < window:
         raise DataError(f"the eval text is {len(ids)} tokens, shorter than one window of {window}; "
                         f"give a longer text or a smaller window")
-    ref = ModelSession(reference, threads=threads) if reference else None
     nll, count, kl, agree = 0.0, 0, 0.0, 0
     spans = _windows(len(ids), window, stride)
     for start, end, first in spans:
         chunk = ids[start:end]
-        lp = _log_softmax(_logits(sess, chunk))[first - 1:-1]  # rows predicting targets first..end-1
+        lp = _log_softmax(logits(chunk))[first - 1:-1]  # rows predicting targets first..end-1
         targets = chunk[first:]
         nll -= lp[np.arange(len(targets)), targets].sum()
         count += len(targets)
-        if ref is not None:
-            rp = _log_softmax(_logits(ref, chunk))[first - 1:-1]
+        if reference is not None:
+            rp = _log_softmax(reference(chunk))[first - 1:-1]
             kl += float((np.exp(rp) * (rp - lp)).sum())
             agree += int((rp.argmax(-1) == lp.argmax(-1)).sum())
     res = EvalResult(perplexity=float(np.exp(nll / count)), tokens=count, windows=len(spans), window=window,
                      stride=stride)
-    if ref is not None:
+    if reference is not None:
         res.kl_mean, res.top1_agreement = kl / count, agree / count
     return res

@@ -126,3 +126,27 @@ def test_llamacpp_peer_on_a_gguf_of_the_same_weights(bundle, hf_checkpoint, tmp_
     rep = run_bench(BenchConfig([str(bundle)], Workload("t", 16, 8), threads=1, warmup=0, runs=1, gguf=(str(out),)))
     assert rep.results[1].kind == "llama.cpp" and rep.results[1].error is None
     assert rep.results[1].runs[0].decode_tok_s > 0
+
+
+def test_quality_script_scores_bundles_and_ggufs_on_the_same_windows(bundle, hf_checkpoint, tmp_path, capsys):
+    """scripts/peers/kl_vs_llama.py: bundles always; a GGUF of the same weights where llama-cpp-python is installed."""
+    import runpy
+
+    script = runpy.run_path("scripts/peers/kl_vs_llama.py")
+    models = [str(bundle)]
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+
+        conv = runpy.run_path("scripts/peers/gguf_from_checkpoint.py")
+        conv["write_f32"](hf_checkpoint("distil-like"), tmp_path / "m-f32.gguf")
+        models.append(str(tmp_path / "m-f32.gguf"))
+    except ImportError:
+        pass
+    assert script["main"]([str(bundle), *models, "--max-tokens", "600", "--window", "64", "--threads", "1"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    kl = {r[1].strip(): r[2].strip() for r in rows[1:]}
+    assert kl[f"reference {bundle.name}"] == "-"
+    assert float(kl[f"edgegpt {bundle.name}"]) < 1e-9  # the reference against itself
+    if len(models) > 1:  # the same weights in llama.cpp: the same distribution
+        assert float(kl["llama.cpp m-f32.gguf"]) < 1e-3
