@@ -14,7 +14,6 @@ Hence this implementation; the calibration pass and the graph rewrite use onnxru
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections import Counter
 from typing import Optional
@@ -24,8 +23,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgegpt.errors import QuantizeError
-
-log = logging.getLogger(__name__)
 
 MAXQ = 15  # 4-bit codes 0..15
 FEEDS_PER_PRODUCT = 8
