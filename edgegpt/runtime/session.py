@@ -184,8 +184,10 @@ class KVCache:
         b.bind_cpu_input(contract.POSITION_IDS, position_ids)
         for name, value in zip(s._past_names, self.past):
             b.bind_ortvalue_input(name, value)
-        if not s.kv_capacity or self._outputs_for is not one_row:
-            self._bind_outputs(one_row)  # concat: fresh presents every step
+        if not s.kv_capacity or not one_row or self._outputs_for is not one_row:
+            # concat: fresh presents every step; every-position logits: a fresh (tokens, vocab) output
+            # each multi-token step (onnxruntime would reuse the last one, of the last step's shape)
+            self._bind_outputs(one_row)
         s.session.run_with_iobinding(b)
         if one_row and s.kv_capacity:
             logits = self._logits[:, -1, :]

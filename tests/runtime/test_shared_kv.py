@@ -11,6 +11,7 @@ from edgegpt.model import load_checkpoint
 from edgegpt.model.generate import generate_ids
 from edgegpt.quantize.evaluate import default_eval_text, evaluate
 from edgegpt.runtime import Generator
+from edgegpt.runtime.session import ModelSession
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +66,17 @@ def test_shared_kv_refusals(hf_checkpoint, tmp_path):
     with pytest.raises(ExportError, match="needs --graph fused"):
         export_bundle(hf_checkpoint("small-vocab"), tmp_path / "x", ExportOptions(graph="traced", kv_cache="shared"))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_prompt_can_continue_a_cache_in_chunks(shared):
+    """Two multi-token steps of different lengths on an every-position-logits bundle: the second
+    must not be handed the first one's (tokens, vocab) logits buffer."""
+    out, _ = shared
+    s = ModelSession(out)
+    ids = np.arange(3, 23, dtype=np.int64)[None]
+    chunks = s.start(1, slots=32)
+    chunks.step(ids[:, :12], np.ones((1, 12), np.int64), np.arange(12)[None])
+    a = chunks.step(ids[:, 12:], np.ones((1, 20), np.int64), np.arange(12, 20)[None]).copy()
+    whole = s.start(1, slots=32)
+    b = whole.step(ids, np.ones((1, 20), np.int64), np.arange(20)[None]).copy()
+    np.testing.assert_allclose(a, b, atol=1e-4)
