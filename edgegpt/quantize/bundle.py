@@ -18,7 +18,7 @@ from edgegpt import __version__
 from edgegpt.atomic import atomic_dir, check_output_dir
 from edgegpt.errors import QuantizeError
 from edgegpt.manifest import file_table, read_manifest, write_manifest
-from edgegpt.quantize.evaluate import default_eval_text, evaluate
+from edgegpt.quantize.evaluate import decode_path, default_eval_text, evaluate
 from edgegpt.quantize.recipes import RECIPES
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,8 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
             "eval_text": "builtin:pydoc held-out tail" if eval_text is None else "user text",
             "greedy_agreement": round(greedy_agreement(src, tmp), 4),
         }
+        if kv_int8:  # strided perplexity prefills an empty cache and never reads the int8 one back
+            new["quality"]["decode_path"] = decode_path(tmp, src, text)
         new["files"] = file_table(tmp)
         new["size_bytes"] = sum(f["bytes"] for f in new["files"].values())
         new["source_size_bytes"] = manifest.get("size_bytes")

@@ -112,3 +112,29 @@ def score(logits: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, *, window
     if reference is not None:
         res.kl_mean, res.top1_agreement = kl / count, agree / count
     return res
+
+
+def decode_path(bundle: str | Path, reference: str | Path, text: str, *, prompt: int = 32,
+                tokens: int = 256) -> dict:
+    """KL and top-1 agreement against ``reference`` along the decode path: ``prompt`` tokens of
+    ``text`` prefilled, then ``tokens`` more fed one at a time through each bundle's own KV cache
+    (teacher-forced). Strided perplexity never reads a cache back; this is what measures a
+    quantized cache (shared-buffer bundles, where the cache lives in place)."""
+    sessions = [ModelSession(bundle), ModelSession(reference)]
+    limit = min(s.max_context for s in sessions)
+    ids = load_bundle_tokenizer(reference).encode(text).ids[:min(prompt + tokens, limit)]
+    if len(ids) <= prompt + 1:
+        raise DataError(f"the eval text is {len(ids)} tokens; the decode-path check needs more than {prompt + 1}")
+    logps = []
+    for s in sessions:
+        cache = s.start(1, slots=len(ids))
+        x = np.asarray(ids[:prompt], np.int64)[None]
+        rows = [_log_softmax(cache.step(x, np.ones_like(x), np.arange(prompt, dtype=np.int64)[None]))]
+        for t in range(prompt, len(ids) - 1):
+            rows.append(_log_softmax(cache.step(np.asarray([[ids[t]]], np.int64), np.ones((1, t + 1), np.int64),
+                                                np.asarray([[t]], np.int64))))
+        logps.append(np.concatenate(rows))
+    lp, rp = logps
+    return {"kl_mean": round(float((np.exp(rp) * (rp - lp)).sum(-1).mean()), 6),
+            "top1_agreement": round(float((rp.argmax(-1) == lp.argmax(-1)).mean()), 5),
+            "prompt_tokens": prompt, "positions": int(lp.shape[0])}

@@ -43,6 +43,8 @@ def test_int8_cache_is_recorded_with_its_calibration(shared_bundles):
     kv = m["recipe"]["kv_cache"]
     assert kv["dtype"] == "int8" and kv["calibration_tokens"] >= 128
     assert ModelSession(root / "int4-kv8").kv_dtype == np.int8
+    dp = m["quality"]["decode_path"]  # the cache read back, which strided perplexity never does
+    assert dp["positions"] >= 64 and dp["kl_mean"] < 0.05 and dp["top1_agreement"] > 0.8
     assert ModelSession(root / "int4-kv8").empty_past(1, slots=8)[0].numpy().dtype == np.int8
 
 
@@ -88,3 +90,38 @@ def test_fp32_weights_with_an_int8_cache(shared_bundles, tmp_path):
     assert m["quality"]["kl_mean"] < 2e-3 and m["quality"]["ppl_increase_pct"] <= 1.0
     with pytest.raises(QuantizeError, match="already keeps a quantized KV cache"):
         quantize_bundle(tmp_path / "f", tmp_path / "g", "int4")
+
+
+def test_first_prefill_takes_the_fp32_path_and_writes_what_the_int8_kernel_would(shared_bundles, tmp_path):
+    """An empty cache's prefill runs fp32 attention and quantizes its K/V into the buffer itself (the
+    int8 kernel is slow at prefill); the buffer must hold what the kernel writes token by token."""
+    import onnx
+
+    root, _, _ = shared_bundles
+    quantize_bundle(root / "fp32", tmp_path / "f", "fp32", eval_tokens=EVAL_TOKENS, kv_cache="int8")
+    g = onnx.load(str(tmp_path / "f" / "model.onnx")).graph
+    s = ModelSession(tmp_path / "f")
+    assert sum(n.op_type == "If" for n in g.node) == s.n_layer
+    assert not any(n.op_type == "GroupQueryAttention" for n in g.node)
+    tok = load_bundle_tokenizer(root / "fp32")
+    ids = tok.encode(default_eval_text()[:3000]).ids[:40]
+    n = len(ids)
+    whole = s.start(1, slots=64)  # the whole prompt at once: the fp32 path
+    x = np.asarray(ids)[None]
+    first = whole.step(x, np.ones_like(x), np.arange(n)[None]).copy()
+    steps = s.start(1, slots=64)  # one token, then the rest one at a time through the int8 kernel
+    for t in range(n):
+        last = steps.step(np.asarray([[ids[t]]]), np.ones((1, t + 1), np.int64), np.asarray([[t]])).copy()
+    # layer 0's K and V come from the same fp32 projections on both paths: the same int8 codes, bar
+    # rounding ties. (Later layers see attention over exact vs quantized K/V, so they differ a little.)
+    for a, b in zip(whole.past[:2], steps.past[:2]):
+        qa, qb = a.numpy()[0, :, :n].astype(int), b.numpy()[0, :, :n].astype(int)
+        assert np.abs(qa - qb).max() <= 1 and (qa != qb).mean() < 0.01
+    assert np.abs(first - last).max() < 0.05 * np.abs(first).max()
+    # a prompt that continues a cache (8 tokens at once after 40) takes the int8 kernel: same as one at a time
+    more = tok.encode(default_eval_text()[3000:4000]).ids[:8]
+    y = np.asarray(more)[None]
+    chunk = whole.step(y, np.ones((1, n + 8), np.int64), np.arange(n, n + 8)[None]).copy()
+    for t, tid in enumerate(more):
+        last = steps.step(np.asarray([[tid]]), np.ones((1, n + t + 1), np.int64), np.asarray([[n + t]])).copy()
+    assert np.abs(chunk - last).max() < 0.05 * np.abs(chunk).max()
