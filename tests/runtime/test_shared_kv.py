@@ -80,3 +80,21 @@ def test_a_prompt_can_continue_a_cache_in_chunks(shared):
     whole = s.start(1, slots=32)
     b = whole.step(ids, np.ones((1, 20), np.int64), np.arange(20)[None]).copy()
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_decode_steps_rebind_only_the_three_small_inputs(shared):
+    """The per-step Python work: past buffers are bound once; each step binds ids, mask and positions."""
+    out, _ = shared
+    s = ModelSession(out)
+    cache = s.start(1, slots=16)
+    calls = []
+    real = cache.binding.bind_ortvalue_input, cache.binding.bind_cpu_input
+    cache.binding.bind_ortvalue_input = lambda name, v: (calls.append(name), real[0](name, v))
+    cache.binding.bind_cpu_input = lambda name, v: (calls.append(name), real[1](name, v))
+    x = np.arange(3, 7)[None]
+    cache.step(x, np.ones_like(x), np.arange(4)[None])
+    assert len(calls) == 2 * s.n_layer + 3
+    calls.clear()
+    for t in range(4, 8):
+        cache.step(np.asarray([[t]]), np.ones((1, t + 1), np.int64), np.asarray([[t]]))
+    assert sorted(set(calls)) == ["attention_mask", "input_ids", "position_ids"] and len(calls) == 3 * 4
