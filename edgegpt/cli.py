@@ -252,7 +252,7 @@ def inspect(bundle):
 @click.option("--symmetric/--asymmetric", default=None,
               help="int4: symmetric blocks (no zero points) or a zero point per block [asymmetric].")
 @click.option("--algorithm", type=click.Choice(["rtn", "gptq"]), default=None,
-              help="int4: GPTQ (rounding errors corrected on calibration text: about half the KL to fp32 of rtn, "
+              help="int4: GPTQ (rounding errors corrected on calibration text: less than half the KL to fp32 of rtn, "
                    "same speed, slower to quantize) or rtn (round to nearest) [gptq].")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="int4: MatMulNBits compute type; 4 = int8 dot products (fastest on CPU) [4].")
