@@ -18,7 +18,7 @@ from edgegpt import __version__
 from edgegpt.atomic import atomic_dir, check_output_dir
 from edgegpt.errors import QuantizeError
 from edgegpt.manifest import file_table, read_manifest, write_manifest
-from edgegpt.quantize.evaluate import decode_path, default_eval_text, evaluate
+from edgegpt.quantize.evaluate import calibration_text, decode_path, default_eval_text, evaluate
 from edgegpt.quantize.recipes import RECIPES
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
         info = recipe.apply(src / manifest["graph"]["file"], tmp / "model.onnx", calibration=calibration)
         kv_dtype = recipe.kv_dtype
         if kv_int8:
-            from edgegpt.quantize.kvcache import MARGIN, apply_int8_kv, calibrate, calibration_text
+            from edgegpt.quantize.kvcache import MARGIN, apply_int8_kv, calibrate
 
             k_scale, v_scale, seen = calibrate(src, calibration_text(calibration))
             apply_int8_kv(tmp / "model.onnx", k_scale, v_scale)

@@ -47,6 +47,30 @@ def default_eval_text(max_chars: int = 40_000) -> str:
     return tail[:max_chars]
 
 
+def calibration_text(text: Optional[str]) -> str:
+    """The user's text, or builtin:pydoc without its held-out tail (which quality is measured on)."""
+    if text:
+        return text
+    from edgegpt.model.data import builtin_pydoc
+
+    full = builtin_pydoc()
+    return full[: int(len(full) * (1 - HELD_OUT_FRACTION))][:200_000]
+
+
+def calibration_windows(bundle: str | Path, text: str, *, windows: int, window: int,
+                        max_context: int) -> list[np.ndarray]:
+    """Up to ``windows`` spans of ``window`` tokens of ``text`` (the bundle's tokenizer), spread evenly
+    over it: GPTQ, int8-static and the int8 KV cache all calibrate on these. A short text gives a
+    shorter window, and no more windows than it holds without piling up overlaps."""
+    ids = load_bundle_tokenizer(bundle).encode(text).ids
+    window = min(window, max_context, len(ids))
+    if window < 16:
+        raise QuantizeError(f"the calibration text is {len(ids)} tokens; give at least a few hundred")
+    count = min(windows, len(ids) // window + 1)
+    starts = sorted(set(np.linspace(0, len(ids) - window, count).astype(int).tolist()))
+    return [np.asarray(ids[s:s + window], np.int64) for s in starts]
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)

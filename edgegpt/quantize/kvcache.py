@@ -32,42 +32,27 @@ MARGIN = 1.25  # headroom over the calibrated max: prompts unlike the calibratio
 GQA_K_SCALE, GQA_V_SCALE = 12, 13  # GroupQueryAttention input slots
 
 
-def calibration_text(text: str | None) -> str:
-    """The user's text, or builtin:pydoc without its held-out tail (which quality is measured on)."""
-    if text:
-        return text
-    from edgegpt.model.data import builtin_pydoc
-    from edgegpt.quantize.evaluate import HELD_OUT_FRACTION
-
-    full = builtin_pydoc()
-    return full[: int(len(full) * (1 - HELD_OUT_FRACTION))][:200_000]
-
-
 def calibrate(bundle: str | Path, text: str, *, windows: int = 8, window: int = 256,
               margin: float = MARGIN) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-layer, per-head, per-channel K and V scales (n_layer, n_head, head_dim) from the fp32
     shared-KV ``bundle`` run over ``text``; returns (k_scale, v_scale, tokens seen)."""
+    from edgegpt.quantize.evaluate import calibration_windows
     from edgegpt.runtime.session import ModelSession
-    from edgegpt.runtime.text import load_bundle_tokenizer
 
     s = ModelSession(bundle)  # quantize_bundle has checked that it keeps a shared buffer
-    ids = load_bundle_tokenizer(bundle).encode(text).ids
-    window = min(window, s.max_context, len(ids))
-    if window < 16:
-        raise QuantizeError(f"the calibration text is {len(ids)} tokens; give at least a few hundred")
+    chunks = calibration_windows(bundle, text, windows=windows, window=window, max_context=s.max_context)
     k_max = np.zeros((s.n_layer, s.n_head, s.head_dim), np.float32)
     v_max = np.zeros_like(k_max)
-    starts = sorted(set(np.linspace(0, len(ids) - window, windows).astype(int).tolist()))
-    for start in starts:
-        cache = s.start(1, slots=window)
-        x = np.asarray(ids[start:start + window], np.int64)[None]
-        cache.step(x, np.ones_like(x), np.arange(window, dtype=np.int64)[None])
+    for chunk in chunks:
+        cache = s.start(1, slots=len(chunk))
+        x = chunk[None]
+        cache.step(x, np.ones_like(x), np.arange(len(chunk), dtype=np.int64)[None])
         for i in range(s.n_layer):  # shared buffers: (1, H, slots, D), filled in place
             k_max[i] = np.maximum(k_max[i], np.abs(cache.past[2 * i].numpy()[0]).max(axis=1))
             v_max[i] = np.maximum(v_max[i], np.abs(cache.past[2 * i + 1].numpy()[0]).max(axis=1))
     floor = 1e-6  # a channel that never moved still needs a positive scale
     return (np.maximum(k_max, floor) * margin / 127, np.maximum(v_max, floor) * margin / 127,
-            len(starts) * window)
+            sum(len(c) for c in chunks))
 
 
 def apply_int8_kv(path: str | Path, k_scale: np.ndarray, v_scale: np.ndarray) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgegpt import contract
 from edgegpt.errors import QuantizeError
 
 log = logging.getLogger(__name__)
@@ -144,12 +145,13 @@ class Int4(Recipe):
         info = {}
         if self.algorithm == "gptq":
             info = _gptq(model, head, Path(src).parent, self, calibration)
-        # round-to-nearest for what GPTQ left (everything, without it)
-        q = MatMulNBitsQuantizer(model, bits=4, block_size=self.block_size, is_symmetric=self.symmetric,
-                                 accuracy_level=self.accuracy_level or None,
-                                 nodes_to_exclude=[] if self.lm_head == "int4" else [head])
-        q.process()
-        onnx.save_model(q.model.model, str(dst))
+        else:
+            q = MatMulNBitsQuantizer(model, bits=4, block_size=self.block_size, is_symmetric=self.symmetric,
+                                     accuracy_level=self.accuracy_level or None,
+                                     nodes_to_exclude=[] if self.lm_head == "int4" else [head])
+            q.process()
+            model = q.model.model
+        onnx.save_model(model, str(dst))
         _finish_head(dst, head, "int4-done" if self.lm_head == "int4" else self.lm_head,
                      block_size=HEAD_BLOCK, accuracy_level=self.accuracy_level)
         quantize_embedding(dst, embedding)
@@ -162,34 +164,28 @@ class Int4(Recipe):
 GPTQ_WINDOWS = 128
 
 
-def _calibration_feeds(bundle: Path, text: str, *, windows: int, window: int) -> tuple[list[dict], int]:
-    """Prefill feeds of ``windows`` spans of ``window`` tokens of ``text`` for the fp32 ``bundle``'s
-    graph (either KV layout), and the tokens they hold."""
-    from edgegpt import contract
+def _calibration_feeds(bundle: Path, text: str, *, windows: int, window: int) -> list[dict]:
+    """Prefill feeds for the fp32 ``bundle``'s graph (either KV layout) over calibration windows of
+    ``text`` (evaluate.calibration_windows)."""
+    from edgegpt.quantize.evaluate import calibration_windows
     from edgegpt.runtime.session import ModelSession
-    from edgegpt.runtime.text import load_bundle_tokenizer
 
     sess = ModelSession(bundle)
-    ids = load_bundle_tokenizer(bundle).encode(text).ids
-    window = min(window, sess.max_context, len(ids))
-    if window < 16:
-        raise QuantizeError(f"the calibration text is {len(ids)} tokens; give at least a few hundred")
-    starts = sorted(set(np.linspace(0, len(ids) - window, windows).astype(int).tolist()))
-    empty = sess.empty_past_numpy(1, slots=window)
-    feeds = [{contract.INPUT_IDS: np.asarray(ids[s:s + window], np.int64)[None],
-              contract.ATTENTION_MASK: np.ones((1, window), np.int64),
-              contract.POSITION_IDS: np.arange(window, dtype=np.int64)[None],
-              **{n: empty for n in contract.past_names(sess.n_layer)}} for s in starts]
-    return feeds, len(starts) * window
+    chunks = calibration_windows(bundle, text, windows=windows, window=window, max_context=sess.max_context)
+    empty = sess.empty_past_numpy(1, slots=len(chunks[0]))
+    return [{contract.INPUT_IDS: c[None], contract.ATTENTION_MASK: np.ones((1, len(c)), np.int64),
+             contract.POSITION_IDS: np.arange(len(c), dtype=np.int64)[None],
+             **{n: empty for n in contract.past_names(sess.n_layer)}} for c in chunks]
 
 
 def _gptq(model: onnx.ModelProto, head: Optional[str], bundle: Path, recipe: "Int4",
           calibration: Optional[str]) -> dict:
     """The body's MatMuls (and the head with --lm-head int4) as GPTQ-chosen 4-bit blocks, in place."""
     from edgegpt.quantize.gptq import gptq_model
-    from edgegpt.quantize.kvcache import calibration_text
+    from edgegpt.quantize.evaluate import calibration_text
 
-    feeds, tokens = _calibration_feeds(bundle, calibration_text(calibration), windows=GPTQ_WINDOWS, window=128)
+    feeds = _calibration_feeds(bundle, calibration_text(calibration), windows=GPTQ_WINDOWS, window=128)
+    tokens = sum(f[contract.INPUT_IDS].size for f in feeds)
     done = gptq_model(model, feeds, block_size=recipe.block_size, symmetric=recipe.symmetric,
                       accuracy_level=recipe.accuracy_level, exclude=None if recipe.lm_head == "int4" else {head})
     return {"calibration_tokens": tokens, "gptq_matmuls": done,
@@ -222,7 +218,6 @@ class Fp16(Recipe):
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        from edgegpt import contract
         from edgegpt.export.graph import topological_sort
 
         model = onnx.load(str(src))
@@ -256,28 +251,13 @@ class Int8Static(Recipe):
     def apply(self, src, dst, *, calibration=None):
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-        from edgegpt import contract
-        from edgegpt.runtime.session import ModelSession
-        from edgegpt.runtime.text import load_bundle_tokenizer
-
         if not calibration:
             raise QuantizeError("int8-static needs calibration text: pass --calibration PATH (text like your prompts)")
-        bundle = Path(src).parent
-        sess = ModelSession(bundle)
-        ids = load_bundle_tokenizer(bundle).encode(calibration).ids
-        window = min(self.window, sess.max_context)
-        if len(ids) < window:
-            raise QuantizeError(f"the calibration text is {len(ids)} tokens, shorter than one window of {window}; "
-                                f"give more text")
-        starts = np.linspace(0, len(ids) - window, num=min(self.calibration_windows, len(ids) // window + 1)).astype(int)
-        empty = sess.empty_past_numpy(1)
+        feeds = _calibration_feeds(Path(src).parent, calibration, windows=self.calibration_windows, window=self.window)
 
         class Reader(CalibrationDataReader):
             def __init__(self):
-                self.feeds = iter([{contract.INPUT_IDS: np.asarray(ids[s:s + window], np.int64)[None],
-                                    contract.ATTENTION_MASK: np.ones((1, window), np.int64),
-                                    contract.POSITION_IDS: np.arange(window, dtype=np.int64)[None],
-                                    **{n: empty for n in contract.past_names(sess.n_layer)}} for s in starts])
+                self.feeds = iter(feeds)
 
             def get_next(self):
                 return next(self.feeds, None)
@@ -294,7 +274,8 @@ class Int8Static(Recipe):
                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         finally:
             untied.unlink(missing_ok=True)
-        return {**self.describe(), "calibration_tokens": len(ids), "calibration_windows": len(starts),
+        return {**self.describe(), "calibration_tokens": sum(f[contract.INPUT_IDS].size for f in feeds),
+                "calibration_windows": len(feeds),
                 "quantized_matmuls": len(weights), "format": "QDQ", "activations": "uint8", "weights": "int8"}
 
 
