@@ -333,7 +333,8 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
 @click.option("--gguf", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Also time llama.cpp on this GGUF file (scripts/peers/gguf_from_checkpoint.py). Repeatable.")
 @click.option("--genai", "genai_bundles", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="Also time onnxruntime-genai's generator on this bundle (any precision; same graph). Repeatable.")
+              help="Also time onnxruntime-genai's generator on this bundle (same graph), or on any directory with a "
+                   "genai_config.json (scripts/peers/optimum_for_genai.py writes Optimum's). Repeatable.")
 @click.option("--sweep-context", default=None, help="Comma-separated contexts, e.g. 128,256,512,1024.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw the context sweep to this PNG.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON here.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -52,6 +53,24 @@ def check_bundles(paths: list[str]) -> list[dict]:
     return manifests
 
 
+def _check_genai_dir(path: str, tokens: int) -> None:
+    """An edgegpt bundle, or any directory onnxruntime-genai loads (e.g. an Optimum export with a hand-written
+    genai_config.json: scripts/peers/optimum_for_genai.py)."""
+    if (Path(path) / MANIFEST).is_file():
+        check_bundles([path])
+        return
+    cfg_path = Path(path) / "genai_config.json"
+    if not cfg_path.is_file():
+        raise BenchError(f"--genai {path}: neither an edgegpt bundle nor an onnxruntime-genai model (no "
+                         f"genai_config.json); write one with scripts/peers/optimum_for_genai.py")
+    try:
+        ctx = json.loads(cfg_path.read_text())["model"]["context_length"]
+    except (ValueError, KeyError, TypeError):
+        raise BenchError(f"--genai {path}: genai_config.json has no model.context_length") from None
+    if tokens > ctx:
+        raise BenchError(f"--genai {path}: {tokens} tokens exceed its context of {ctx}")
+
+
 def resolve_workload(name: Optional[str], prompt_tokens: Optional[int], new_tokens: Optional[int],
                      batch: Optional[int]) -> Workload:
     if name:
@@ -95,7 +114,7 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
                                  f"--kv-cache concat and without --last-logits-only")
             systems.append(Optimum(plain, cfg.threads) if b == "optimum" else GenAI(plain, cfg.threads))
     for path in cfg.genai:
-        check_bundles([path])
+        _check_genai_dir(path, w.prompt_tokens + w.new_tokens)
         systems.append(GenAI(path, cfg.threads, label=f"onnxruntime-genai ({Path(path).name})"))
     n_ctx = max(512, -(-(w.prompt_tokens + w.new_tokens + max(cfg.sweep or [0])) // 256) * 256)
     for path in cfg.gguf:

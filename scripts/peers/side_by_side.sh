@@ -26,6 +26,9 @@ build int8-kv8  edgegpt quantize "$OUT/src-fp32" --out "$OUT/int8-kv8" --mode in
 build int4-kv8  edgegpt quantize "$OUT/src-fp32" --out "$OUT/int4-kv8" --mode int4 --kv-cache int8 --last-logits-only
 
 PEERS=(--genai "$OUT/fp32" --genai "$OUT/int8" --genai "$OUT/int4")
+# what onnxruntime-genai users get for GPT-2 today: Optimum's export (+ int8 / int4) with a genai_config.json
+[ -f "$OUT/opt-int4/genai_config.json" ] || python "$(dirname "$0")/optimum_for_genai.py" "$CKPT" "$OUT/opt"
+PEERS+=(--genai "$OUT/opt-fp32" --genai "$OUT/opt-int8" --genai "$OUT/opt-int4")
 if python -c "import gguf, llama_cpp" 2>/dev/null; then
   [ -f "$OUT/m-q4_0.gguf" ] || python "$(dirname "$0")/gguf_from_checkpoint.py" "$CKPT" "$OUT/m" --types f32,q8_0,q4_0
   PEERS+=(--gguf "$OUT/m-f32.gguf" --gguf "$OUT/m-q8_0.gguf" --gguf "$OUT/m-q4_0.gguf")

@@ -150,3 +150,48 @@ def test_quality_script_scores_bundles_and_ggufs_on_the_same_windows(bundle, hf_
     assert float(kl[f"edgegpt {bundle.name}"]) < 1e-9  # the reference against itself
     if len(models) > 1:  # the same weights in llama.cpp: the same distribution
         assert float(kl["llama.cpp m-f32.gguf"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_genai_peer_on_optimum_exports(hf_checkpoint, bundle, tmp_path):
+    """scripts/peers/optimum_for_genai.py: the graphs a genai user gets for GPT-2 (Optimum export + a hand-written
+    genai_config.json), which `bench --genai` then runs beside edgegpt; fp32 reproduces PyTorch's greedy tokens."""
+    pytest.importorskip("optimum.onnxruntime")
+    og = pytest.importorskip("onnxruntime_genai")
+    import runpy
+
+    import onnx
+    import torch
+
+    from edgegpt.model import load_checkpoint
+    from edgegpt.model.generate import generate_ids
+
+    ckpt = hf_checkpoint("distil-like")
+    script = runpy.run_path("scripts/peers/optimum_for_genai.py")
+    assert script["main"]([str(ckpt), str(tmp_path / "opt"), "--precisions", "fp32,int4"]) == 0
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt-int4" / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "Gemm" not in ops
+    assert not (tmp_path / "opt-int8").exists() and not list(tmp_path.glob(".opt-*"))
+
+    ids = [5, 17, 300, 42, 7]
+    model, _ = load_checkpoint(ckpt)
+    with torch.no_grad():
+        ref = generate_ids(model, ids, 12)
+    m = og.Model(str(tmp_path / "opt-fp32"))
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=len(ids) + len(ref), do_sample=False)
+    g = og.Generator(m, params)
+    g.append_tokens([ids])
+    while not g.is_done():
+        g.generate_next_token()
+    assert list(g.get_sequence(0))[len(ids):] == ref
+    del g, m
+
+    res = CliRunner().invoke(main, ["bench", str(bundle), "--genai", str(tmp_path / "opt-fp32"), "--genai",
+                                    str(tmp_path / "opt-int4"), "--prompt-tokens", "8", "--new-tokens", "6",
+                                    "--runs", "1", "--warmup", "0", "--threads", "1", "--settle", "0"])
+    assert res.exit_code == 0, res.output
+    assert "| onnxruntime-genai (opt-int4) |" in res.output and "error" not in res.output.lower()
+    res = CliRunner().invoke(main, ["bench", str(bundle), "--genai", str(tmp_path), "--prompt-tokens", "8",
+                                    "--new-tokens", "6"])
+    assert res.exit_code != 0 and "genai_config.json" in res.output and "Traceback" not in res.output
