@@ -30,7 +30,7 @@ def _worker(system: System, conn) -> None:
         try:
             t0 = time.perf_counter()
             stamps = system.run(*args)
-            conn.send(("ok", (t0, stamps)))
+            conn.send(("ok", (t0, stamps, list(system.tokens))))
         except Exception as e:
             conn.send(("error", f"{system.label}: {type(e).__name__}: {e}".splitlines()[0]))
 
@@ -58,6 +58,7 @@ class Result:
     peak_rss_mb: float = 0.0
     error: Optional[str] = None
     sweep: dict[int, float] = field(default_factory=dict)  # context -> decode ms/token
+    tokens: list[int] = field(default_factory=list)  # the first prompt's new tokens (first timed run)
 
     def median(self, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in self.runs)
@@ -91,7 +92,8 @@ class Pool:
             else:
                 res.load_s = value
 
-    def run(self, i: int, prompts: list[list[int]], new_tokens: int) -> Optional[tuple[float, list[float]]]:
+    def run(self, i: int, prompts: list[list[int]],
+            new_tokens: int) -> Optional[tuple[float, list[float], list[int]]]:
         if self.results[i].error:
             return None
         self.conns[i].send(("run", (prompts, new_tokens)))
@@ -139,7 +141,8 @@ def measure(systems: list[System], prompts: list[list[int]], new_tokens: int, *,
                 if progress:
                     progress(res.label)
                 if out is not None and phase == "run":
-                    res.runs.append(reduce_run(*out))
+                    res.runs.append(reduce_run(*out[:2]))
+                    res.tokens = res.tokens or out[2]
         for ctx_len, sweep_prompt in (sweep or {}).items():
             for i, res in enumerate(pool.results):
                 times = []
@@ -148,7 +151,7 @@ def measure(systems: list[System], prompts: list[list[int]], new_tokens: int, *,
                     out = pool.run(i, sweep_prompt, sweep_new_tokens)
                     if out is None:
                         break
-                    times.append(1000 / reduce_run(*out).decode_tok_s)
+                    times.append(1000 / reduce_run(*out[:2]).decode_tok_s)
                 if progress:
                     progress(res.label)
                 if times:

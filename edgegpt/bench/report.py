@@ -39,7 +39,7 @@ def table(results: list[Result], sizes: dict[str, Optional[int]], bounds: dict[s
     ok = [r for r in results if r.runs]
     base = ok[0] if ok else None
     head = ("| system | size MB | load s | TTFT ms | decode tok/s (min-max) | step p50 / p90 ms | e2e s | peak RSS MB "
-            "| decode x first | TTFT x first |" + (" % of BW bound |" if any(bounds.values()) else ""))
+            "| decode x first | TTFT x first | tokens = first |" + (" % of BW bound |" if any(bounds.values()) else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         if not r.runs:
@@ -51,11 +51,19 @@ def table(results: list[Result], sizes: dict[str, Optional[int]], bounds: dict[s
             f"{r.load_s:.2f} | {r.median('ttft_ms'):.1f} | {_fmt_spread(r, 'decode_tok_s')} | "
             f"{r.step_percentile(0.5):.2f} / {r.step_percentile(0.9):.2f} | {r.median('e2e_s'):.3f} | "
             f"{r.peak_rss_mb:.0f} | {r.median('decode_tok_s') / base.median('decode_tok_s'):.2f} | "
-            f"{r.median('ttft_ms') / base.median('ttft_ms'):.2f} |")
+            f"{r.median('ttft_ms') / base.median('ttft_ms'):.2f} | {same_prefix(r.tokens, base.tokens)} |")
         if any(bounds.values()):
             row += f" {100 * r.median('decode_tok_s') / bound:.0f}% |" if bound else " - |"
         lines.append(row)
     return "\n".join(lines)
+
+
+def same_prefix(tokens: list[int], ref: list[int]) -> str:
+    """How many leading tokens match the first system's, as "k/n" ("-" where a system gave none)."""
+    if not tokens or not ref:
+        return "-"
+    k = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), min(len(tokens), len(ref)))
+    return f"{k}/{len(tokens)}"
 
 
 def notes(results: list[Result]) -> list[str]:
@@ -79,6 +87,7 @@ def to_json(results: list[Result], meta: dict) -> dict:
         "e2e_s": r.median("e2e_s") if r.runs else None,
         "step_ms_p50": r.step_percentile(0.5) if r.runs else None,
         "step_ms_p90": r.step_percentile(0.9) if r.runs else None,
+        "tokens": r.tokens,
         "runs": [{"ttft_ms": x.ttft_ms, "decode_tok_s": x.decode_tok_s, "e2e_s": x.e2e_s} for x in r.runs],
         "sweep_ms_per_token": {str(k): v for k, v in r.sweep.items()},
     } for r in results]}

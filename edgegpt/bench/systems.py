@@ -2,7 +2,8 @@
 
 ``load()`` builds it (timed as load time), ``run(prompts, new_tokens)`` generates exactly
 ``new_tokens`` tokens per prompt and returns the wall-clock time at which each new token became
-available. Systems other than edgegpt's own runtime are optional: a missing package raises a
+available; it leaves the first prompt's new tokens in ``tokens``, so a report can show which systems
+produce the same output. Systems other than edgegpt's own runtime are optional: a missing package raises a
 clear BenchError naming it.
 """
 
@@ -23,6 +24,7 @@ class BenchError(EdgeGPTError):
 class System(ABC):
     label: str = ""
     kind: str = ""
+    tokens: list[int] = []  # the first prompt's new tokens from the last run
 
     @abstractmethod
     def load(self) -> None:
@@ -49,11 +51,17 @@ class EdgeGPT(System):
 
     def run(self, prompts, new_tokens):
         cfg = self._cfg(max_new_tokens=new_tokens, ignore_eos=True)
-        return [time.perf_counter() for _ in self.gen.iter_ids(prompts, cfg)]
+        stamps, tokens = [], []
+        for step in self.gen.iter_ids(prompts, cfg):
+            stamps.append(time.perf_counter())
+            tokens.append(step[0])
+        self.tokens = [int(t) for t in tokens]
+        return stamps
 
 
-def _hf_generate(model, prompts, new_tokens) -> list[float]:
-    """transformers' generate with a logits processor that stamps the time of every step."""
+def _hf_generate(model, prompts, new_tokens) -> tuple[list[float], list[int]]:
+    """transformers' generate with a logits processor that stamps the time of every step; the stamps and
+    the first prompt's new tokens."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -66,9 +74,10 @@ def _hf_generate(model, prompts, new_tokens) -> list[float]:
 
     ids = torch.tensor(prompts)
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([Stamp()]))
-    return stamps
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([Stamp()]))
+    return stamps, [int(t) for t in out[0, ids.shape[1]:]]
 
 
 class TorchEager(System):
@@ -94,7 +103,8 @@ class TorchEager(System):
         self.model = GPT2LMHeadModel.from_pretrained(self.checkpoint).eval()
 
     def run(self, prompts, new_tokens):
-        return _hf_generate(self.model, prompts, new_tokens)
+        stamps, self.tokens = _hf_generate(self.model, prompts, new_tokens)
+        return stamps
 
 
 class Optimum(System):
@@ -121,7 +131,8 @@ class Optimum(System):
         self.model = ORTModelForCausalLM.from_pretrained(self.bundle, session_options=so)
 
     def run(self, prompts, new_tokens):
-        return _hf_generate(self.model, prompts, new_tokens)
+        stamps, self.tokens = _hf_generate(self.model, prompts, new_tokens)
+        return stamps
 
 
 class GenAI(System):
@@ -168,6 +179,7 @@ class GenAI(System):
         while not gen.is_done():
             gen.generate_next_token()
             stamps.append(time.perf_counter())
+        self.tokens = [int(t) for t in gen.get_sequence(0)[len(prompts[0]):]]
         return stamps
 
 
@@ -198,15 +210,17 @@ class LlamaCpp(System):
             raise BenchError("the llama.cpp baseline runs batch 1 only")
         llm, np = self.llm, self.np
         llm.reset()
-        stamps, tokens = [], list(prompts[0])
-        llm.eval(tokens)
+        stamps, new = [], []
+        llm.eval(list(prompts[0]))
         # the last position's logits straight from the context (Llama.scores stays empty without
         # logits_all); a view, no copy
         logits = np.ctypeslib.as_array(self.llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
         for _ in range(new_tokens):
             nxt = int(np.argmax(logits))
             stamps.append(time.perf_counter())
+            new.append(nxt)
             if len(stamps) < new_tokens:
                 llm.eval([nxt])
                 logits = np.ctypeslib.as_array(self.llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
+        self.tokens = new
         return stamps

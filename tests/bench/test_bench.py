@@ -29,6 +29,13 @@ def test_reduce_run_separates_prefill_and_decode():
     assert s.step_ms == pytest.approx([100.0, 200.0]) and s.e2e_s == pytest.approx(0.4)
 
 
+def test_token_agreement_is_the_matching_prefix():
+    from edgegpt.bench.report import same_prefix
+
+    assert same_prefix([1, 2, 3], [1, 2, 4]) == "2/3" and same_prefix([1, 2], [1, 2]) == "2/2"
+    assert same_prefix([9, 2], [1, 2]) == "0/2" and same_prefix([], [1]) == "-"
+
+
 def test_workloads_match_design_and_prompts_are_fixed():
     assert (WORKLOADS["W1"].prompt_tokens, WORKLOADS["W1"].new_tokens) == (128, 128)
     assert (WORKLOADS["W2"].prompt_tokens, WORKLOADS["W3"].new_tokens) == (896, 64)
@@ -46,6 +53,9 @@ def test_bench_measures_bundles_and_torch_baseline(bundle):
         assert all(x.decode_tok_s > 0 and x.ttft_ms > 0 and len(x.step_ms) == 11 for x in r.runs)
         assert set(r.sweep) == {16, 48}
     assert rep.table.count("\n") == 4 and "decode x first" in rep.table
+    # the same fp32 graph twice and PyTorch on its checkpoint: the same 12 greedy tokens
+    assert rep.results[0].tokens == rep.results[1].tokens == rep.results[2].tokens and len(rep.results[0].tokens) == 12
+    assert rep.table.count("| 12/12 |") == 3 and rep.data["results"][2]["tokens"] == rep.results[0].tokens
     assert rep.data["machine"]["onnxruntime"] and rep.data["results"][0]["decode_tok_s"] > 0
 
 
@@ -126,6 +136,7 @@ def test_llamacpp_peer_on_a_gguf_of_the_same_weights(bundle, hf_checkpoint, tmp_
     rep = run_bench(BenchConfig([str(bundle)], Workload("t", 16, 8), threads=1, warmup=0, runs=1, gguf=(str(out),)))
     assert rep.results[1].kind == "llama.cpp" and rep.results[1].error is None
     assert rep.results[1].runs[0].decode_tok_s > 0
+    assert rep.results[1].tokens == rep.results[0].tokens  # same weights, same greedy tokens
 
 
 def test_quality_script_scores_bundles_and_ggufs_on_the_same_windows(bundle, hf_checkpoint, tmp_path, capsys):
@@ -192,6 +203,8 @@ def test_genai_peer_on_optimum_exports(hf_checkpoint, bundle, tmp_path):
                                     "--runs", "1", "--warmup", "0", "--threads", "1", "--settle", "0"])
     assert res.exit_code == 0, res.output
     assert "| onnxruntime-genai (opt-int4) |" in res.output and "error" not in res.output.lower()
+    fp32_row = next(line for line in res.output.splitlines() if line.startswith("| onnxruntime-genai (opt-fp32) |"))
+    assert "| 6/6 |" in fp32_row  # Optimum's fp32 graph under genai: edgegpt's greedy tokens
     res = CliRunner().invoke(main, ["bench", str(bundle), "--genai", str(tmp_path), "--prompt-tokens", "8",
                                     "--new-tokens", "6"])
     assert res.exit_code != 0 and "genai_config.json" in res.output and "Traceback" not in res.output
