@@ -339,9 +339,12 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw the context sweep to this PNG.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure as JSON here.")
 @click.option("--roofline", is_flag=True, help="Probe memory bandwidth and report % of the decode bound.")
+@click.option("--hugepages", type=click.Choice(["edgegpt", "all", "none"]), default="edgegpt", show_default=True,
+              help="Whose worker processes start with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (huge pages for the "
+                   "weights; Linux, glibc >= 2.35): edgegpt's, every system's, or none.")
 @friendly_errors
 def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider, warmup, runs, settle, baselines,
-          checkpoint, gguf, genai_bundles, sweep_context, plot_path, json_path, roofline):
+          checkpoint, gguf, genai_bundles, sweep_context, plot_path, json_path, roofline, hugepages):
     """Time bundles (interleaved) on a workload: TTFT, decode tok/s, RSS, size, load time."""
     from edgegpt.bench import report
     from edgegpt.bench.bench import BenchConfig, resolve_workload, run_bench
@@ -356,7 +359,7 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
         raise click.UsageError("--plot draws the context sweep: add --sweep-context 128,256,...")
     w = resolve_workload(workload, prompt_tokens, new_tokens, batch)
     cfg = BenchConfig(list(bundles), w, threads, provider, warmup, runs, tuple(baselines), checkpoint, sweep, roofline,
-                      tuple(gguf), settle, tuple(genai_bundles))
+                      tuple(gguf), settle, tuple(genai_bundles), hugepages)
     n_systems = len(bundles) + len(baselines) + len(gguf) + len(genai_bundles)
     total = n_systems * (warmup + runs + len(sweep))
     try:
@@ -382,6 +385,9 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
     for r in rep.results:
         if r.sweep:
             click.echo(f"context sweep, {r.label}: " + ", ".join(f"{c}: {ms:.2f} ms/token" for c, ms in sorted(r.sweep.items())))
+    huge = rep.data["hugepages"]
+    click.echo("huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) for: " + (", ".join(huge) if huge else "none") + (
+        "" if huge or hugepages == "none" else " (needs Linux, glibc >= 2.35 and transparent huge pages)"))
     for n in rep.notes:
         click.echo(f"note: {n}")
     if json_path:

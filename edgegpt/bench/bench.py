@@ -14,8 +14,10 @@ from edgegpt.bench.systems import BenchError, EdgeGPT, GenAI, LlamaCpp, Optimum,
 from edgegpt.bench.workloads import WORKLOADS, Workload
 from edgegpt.errors import BundleError
 from edgegpt.manifest import MANIFEST, bundle_size, read_manifest
+from edgegpt.runtime import hugepages
 
 BASELINES = ("torch", "optimum", "genai")
+HUGEPAGES = ("edgegpt", "all", "none")
 
 
 @dataclass
@@ -33,6 +35,7 @@ class BenchConfig:
     gguf: tuple[str, ...] = ()  # llama.cpp peers on GGUF files of the same weights
     settle_s: float = 0.25  # idle time before each run (see harness.measure)
     genai: tuple[str, ...] = ()  # onnxruntime-genai's loop on these bundles (same graphs, its generator)
+    hugepages: str = "edgegpt"  # whose workers start with glibc's huge pages: edgegpt | all | none
 
 
 @dataclass
@@ -121,6 +124,11 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
         if not Path(path).is_file():
             raise BenchError(f"GGUF file {path} does not exist; write one with scripts/peers/gguf_from_checkpoint.py")
         systems.append(LlamaCpp(path, cfg.threads, n_ctx))
+    if cfg.hugepages not in HUGEPAGES:
+        raise BenchError(f"unknown --hugepages {cfg.hugepages!r}; choose from {', '.join(HUGEPAGES)}")
+    huge = hugepages.available() and cfg.hugepages != "none"
+    for s in systems:
+        s.hugepages = huge and (cfg.hugepages == "all" or isinstance(s, EdgeGPT))
     sizes = {label: bundle_size(b) for b, label in zip(cfg.bundles, labels)}
     sizes.update({s.label: Path(s.gguf).stat().st_size for s in systems if isinstance(s, LlamaCpp)})
     sizes.update({s.label: bundle_size(s.bundle) for s in systems if isinstance(s, GenAI)})
@@ -138,7 +146,8 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
     results = measure(systems, w.prompt_ids(vocab), w.new_tokens, warmup=cfg.warmup, runs=cfg.runs, sweep=sweep,
                       progress=progress, settle_s=cfg.settle_s)
     meta = {"workload": w.__dict__, "threads": cfg.threads, "provider": cfg.provider, "warmup": cfg.warmup,
-            "runs": cfg.runs, "settle_s": cfg.settle_s, "machine": report.machine(), "bandwidth": bw,
+            "runs": cfg.runs, "settle_s": cfg.settle_s,
+            "hugepages": [s.label for s in systems if s.hugepages], "machine": report.machine(), "bandwidth": bw,
             "bound_tok_s": {k: v for k, v in bounds.items()}, "bundles": dict(zip(labels, cfg.bundles))}
     return BenchReport(results, report.table(results, sizes, bounds), report.notes(results),
                        report.to_json(results, meta))

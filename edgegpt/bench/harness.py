@@ -7,12 +7,31 @@ runs rotate between systems so a drift of the (noisy, shared) machine hits all o
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from edgegpt.bench.systems import System
+from edgegpt.runtime.hugepages import hugepage_env
+
+
+@contextmanager
+def _environment(env: Optional[dict]):
+    """os.environ replaced by env for the duration (None: unchanged)."""
+    if env is None:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _worker(system: System, conn) -> None:
@@ -82,7 +101,8 @@ class Pool:
         for s in systems:
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker, args=(s, child), daemon=True)
-            p.start()
+            with _environment(hugepage_env() if s.hugepages else None):
+                p.start()  # a fresh interpreter: glibc reads GLIBC_TUNABLES as it starts
             self.conns.append(parent)
             self.procs.append(p)
         for res, conn in zip(self.results, self.conns):  # loads run in parallel; fine, they are not timed

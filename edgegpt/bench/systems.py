@@ -25,6 +25,7 @@ class System(ABC):
     label: str = ""
     kind: str = ""
     tokens: list[int] = []  # the first prompt's new tokens from the last run
+    hugepages: bool = False  # start its worker with glibc's huge pages for malloc (edgegpt.runtime.hugepages)
 
     @abstractmethod
     def load(self) -> None:

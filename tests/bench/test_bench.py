@@ -208,3 +208,33 @@ def test_genai_peer_on_optimum_exports(hf_checkpoint, bundle, tmp_path):
     res = CliRunner().invoke(main, ["bench", str(bundle), "--genai", str(tmp_path), "--prompt-tokens", "8",
                                     "--new-tokens", "6"])
     assert res.exit_code != 0 and "genai_config.json" in res.output and "Traceback" not in res.output
+
+
+def test_hugepages_env_reaches_only_the_chosen_workers(bundle, monkeypatch):
+    import os
+
+    from edgegpt.bench.harness import Pool
+    from edgegpt.bench.systems import EdgeGPT
+    from edgegpt.runtime import hugepages
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    env = hugepages.hugepage_env()
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1" and hugepages.active(env)
+    assert hugepages.hugepage_env(env) == env and not hugepages.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    try:
+        madvise_mode = "[madvise]" in open(hugepages.THP_ENABLED).read()
+    except OSError:
+        madvise_mode = False
+    if not (hugepages.available() and madvise_mode):
+        pytest.skip("needs Linux, glibc >= 2.35 and transparent huge pages in madvise mode")
+    a, b = EdgeGPT(str(bundle), 1, "cpu", "a"), EdgeGPT(str(bundle), 1, "cpu", "b")
+    a.hugepages = True
+    pool = Pool([a, b])
+    try:
+        assert not any(r.error for r in pool.results)
+        huge_kb = [int(next(line.split()[1] for line in open(f"/proc/{p.pid}/smaps_rollup") if "AnonHugePages" in line))
+                   for p in pool.procs]
+    finally:
+        pool.close()
+    assert huge_kb[0] > 0 and huge_kb[1] == 0  # glibc gave huge pages to the chosen worker only
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"  # the parent's environment is restored
