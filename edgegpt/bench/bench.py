@@ -58,18 +58,18 @@ def check_bundles(paths: list[str]) -> list[dict]:
 
 def _check_genai_dir(path: str, tokens: int) -> None:
     """An edgegpt bundle, or any directory onnxruntime-genai loads (e.g. an Optimum export with a hand-written
-    genai_config.json: scripts/peers/optimum_for_genai.py)."""
-    if (Path(path) / MANIFEST).is_file():
-        check_bundles([path])
-        return
+    genai_config.json: scripts/peers/optimum_for_genai.py), with room for ``tokens``."""
     cfg_path = Path(path) / "genai_config.json"
-    if not cfg_path.is_file():
+    if (Path(path) / MANIFEST).is_file():
+        ctx = check_bundles([path])[0]["max_context"]
+    elif not cfg_path.is_file():
         raise BenchError(f"--genai {path}: neither an edgegpt bundle nor an onnxruntime-genai model (no "
                          f"genai_config.json); write one with scripts/peers/optimum_for_genai.py")
-    try:
-        ctx = json.loads(cfg_path.read_text())["model"]["context_length"]
-    except (ValueError, KeyError, TypeError):
-        raise BenchError(f"--genai {path}: genai_config.json has no model.context_length") from None
+    else:
+        try:
+            ctx = json.loads(cfg_path.read_text())["model"]["context_length"]
+        except (ValueError, KeyError, TypeError):
+            raise BenchError(f"--genai {path}: genai_config.json has no model.context_length") from None
     if tokens > ctx:
         raise BenchError(f"--genai {path}: {tokens} tokens exceed its context of {ctx}")
 
@@ -99,6 +99,8 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
     bad = [b for b in cfg.baselines if b not in BASELINES]
     if bad:
         raise BenchError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)}")
+    if cfg.hugepages not in HUGEPAGES:
+        raise BenchError(f"unknown --hugepages {cfg.hugepages!r}; choose from {', '.join(HUGEPAGES)}")
     labels = _labels(cfg.bundles, manifests)
     systems: list[System] = [EdgeGPT(b, cfg.threads, cfg.provider, label) for b, label in zip(cfg.bundles, labels)]
     # Optimum needs the plain contract (a growing past, every position's logits): the first such bundle.
@@ -124,8 +126,6 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
         if not Path(path).is_file():
             raise BenchError(f"GGUF file {path} does not exist; write one with scripts/peers/gguf_from_checkpoint.py")
         systems.append(LlamaCpp(path, cfg.threads, n_ctx))
-    if cfg.hugepages not in HUGEPAGES:
-        raise BenchError(f"unknown --hugepages {cfg.hugepages!r}; choose from {', '.join(HUGEPAGES)}")
     huge = hugepages.available() and cfg.hugepages != "none"
     for s in systems:
         s.hugepages = huge and (cfg.hugepages == "all" or isinstance(s, EdgeGPT))

@@ -19,19 +19,20 @@ from edgegpt.runtime.hugepages import hugepage_env
 
 
 @contextmanager
-def _environment(env: Optional[dict]):
-    """os.environ replaced by env for the duration (None: unchanged)."""
-    if env is None:
+def _tunables(value: Optional[str]):
+    """GLIBC_TUNABLES set to value for the duration (None: unchanged), for a child about to start."""
+    if value is None:
         yield
         return
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
+    saved = os.environ.get("GLIBC_TUNABLES")
+    os.environ["GLIBC_TUNABLES"] = value
     try:
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        if saved is None:
+            del os.environ["GLIBC_TUNABLES"]
+        else:
+            os.environ["GLIBC_TUNABLES"] = saved
 
 
 def _worker(system: System, conn) -> None:
@@ -101,7 +102,7 @@ class Pool:
         for s in systems:
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker, args=(s, child), daemon=True)
-            with _environment(hugepage_env() if s.hugepages else None):
+            with _tunables(hugepage_env()["GLIBC_TUNABLES"] if s.hugepages else None):
                 p.start()  # a fresh interpreter: glibc reads GLIBC_TUNABLES as it starts
             self.conns.append(parent)
             self.procs.append(p)

@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edgegpt.atomic import atomic_dir
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -96,7 +98,8 @@ def gemm_to_matmul(model) -> int:
         n += 1
     del g.node[:]
     g.node.extend(nodes)
-    onnx.checker.check_model(model) if model.ByteSize() < 2**31 else None
+    if model.ByteSize() < 2**31:  # the checker takes protos under 2 GB only
+        onnx.checker.check_model(model)
     return n
 
 
@@ -108,7 +111,6 @@ def quantize_int4(src: Path, out: Path) -> None:
     print(f"   {gemm_to_matmul(model)} Gemm nodes rewritten as MatMul + Add")
     q = MatMulNBitsQuantizer(model, block_size=128, is_symmetric=True, accuracy_level=4)
     q.process()
-    out.mkdir(parents=True, exist_ok=True)
     onnx.save_model(q.model.model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
 
 
@@ -132,28 +134,26 @@ def main(argv=None) -> int:
     except ImportError:
         print("note: without accelerate (pip install accelerate) Optimum stores the tied embedding and LM head "
               "twice: the fp32 file is ~30% larger (decode reads the same bytes either way)")
+    todo = [p for p in wanted if not Path(f"{a.out}-{p}").exists()]
+    for p in sorted(set(wanted) - set(todo)):
+        print(f"== {a.out}-{p}: already there, left as it is")
+    if not todo:
+        return 0
     with tempfile.TemporaryDirectory(prefix="optimum-genai-") as tmp:
         fp32 = Path(tmp, "fp32")
         print("== optimum export (fp32)")
         export_fp32(a.checkpoint, fp32)
-        for p in wanted:
-            dst = Path(f"{a.out}-{p}")
-            if dst.exists():
-                print(f"== {dst}: already there, left as it is")
-                continue
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent), p)
+        for p in todo:
             print(f"== {p}")
-            if p == "fp32":
-                shutil.copytree(fp32, stage)
-            elif p == "int8":
-                quantize_int8(fp32, stage)
-            else:
-                quantize_int4(fp32, stage)
-            (stage / "genai_config.json").write_text(json.dumps(cfg, indent=2))
-            os.replace(stage, dst)  # the whole directory into place only when complete
-            stage.parent.rmdir()
-            print(f"wrote {dst}")
+            with atomic_dir(Path(f"{a.out}-{p}")) as stage:  # into place only when complete
+                if p == "fp32":
+                    shutil.copytree(fp32, stage, dirs_exist_ok=True)
+                elif p == "int8":
+                    quantize_int8(fp32, stage)
+                else:
+                    quantize_int4(fp32, stage)
+                (stage / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+            print(f"wrote {a.out}-{p}")
     return 0
 
 
