@@ -320,7 +320,9 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=None)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=None)
 @click.option("--batch", type=click.IntRange(min=1), default=None)
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--threads", default="2", show_default=True,
+              help="Intra-op threads, or several (e.g. 1,2): every system then runs at each count, interleaved, "
+                   "and a note names the fastest.")
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
@@ -357,10 +359,16 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
             raise click.UsageError("--sweep-context takes comma-separated integers, e.g. 128,256,512") from None
     if plot_path and not sweep:
         raise click.UsageError("--plot draws the context sweep: add --sweep-context 128,256,...")
+    try:
+        counts = tuple(int(x) for x in threads.split(",") if x.strip())
+    except ValueError:
+        raise click.UsageError(f"--threads takes a count or comma-separated counts, e.g. 2 or 1,2; got {threads!r}") from None
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise click.UsageError(f"--threads takes distinct counts >= 1, e.g. 2 or 1,2; got {threads!r}")
     w = resolve_workload(workload, prompt_tokens, new_tokens, batch)
-    cfg = BenchConfig(list(bundles), w, threads, provider, warmup, runs, tuple(baselines), checkpoint, sweep, roofline,
+    cfg = BenchConfig(list(bundles), w, counts[0] if len(counts) == 1 else counts, provider, warmup, runs, tuple(baselines), checkpoint, sweep, roofline,
                       tuple(gguf), settle, tuple(genai_bundles), hugepages)
-    n_systems = len(bundles) + len(baselines) + len(gguf) + len(genai_bundles)
+    n_systems = (len(bundles) + len(baselines) + len(gguf) + len(genai_bundles)) * len(counts)
     total = n_systems * (warmup + runs + len(sweep))
     try:
         from tqdm.auto import tqdm
@@ -375,13 +383,13 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
         if bar is not None:
             bar.close()
     click.echo(f"{w.name}: batch {w.batch}, {w.prompt_tokens}-token prompt, exactly {w.new_tokens} new tokens (greedy, "
-               f"EOS ignored), {threads} threads, {provider}; median of {runs} runs after {warmup} warm-up, {settle:g} s idle before each, "
+               f"EOS ignored), {'/'.join(map(str, counts))} threads, {provider}; median of {runs} runs after {warmup} warm-up, {settle:g} s idle before each, "
                f"interleaved; {rep.data['machine']['cpu']}, onnxruntime {rep.data['machine']['onnxruntime']}")
     click.echo(rep.table)
-    if rep.data.get("bandwidth"):
-        bw = rep.data["bandwidth"]
-        click.echo(f"bandwidth {bw['gb_per_s']} GB/s ({bw['method']}); decode bound tok/s: " + ", ".join(
-            f"{k} {v:.0f}" for k, v in rep.data["bound_tok_s"].items() if v))
+    for t, bw in rep.data["bandwidth_by_threads"].items():
+        click.echo(f"bandwidth {bw['gb_per_s']} GB/s ({bw['method']})")
+    if rep.data["bandwidth_by_threads"]:
+        click.echo("decode bound tok/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rep.data["bound_tok_s"].items() if v))
     for r in rep.results:
         if r.sweep:
             click.echo(f"context sweep, {r.label}: " + ", ".join(f"{c}: {ms:.2f} ms/token" for c, ms in sorted(r.sweep.items())))
@@ -393,7 +401,7 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
     if json_path:
         report.write_json(json_path, rep.data)
     if plot_path:
-        report.plot(rep.results, plot_path, f"decode latency vs context ({threads} threads, {provider})")
+        report.plot(rep.results, plot_path, f"decode latency vs context ({'/'.join(map(str, counts))} threads, {provider})")
         click.echo(f"plot: {plot_path}")
 
 

@@ -24,7 +24,7 @@ HUGEPAGES = ("edgegpt", "all", "none")
 class BenchConfig:
     bundles: list[str]
     workload: Workload
-    threads: Optional[int] = 2
+    threads: Optional[int] | tuple[int, ...] = 2  # several counts: every system runs at each (a thread sweep)
     provider: str = "cpu"
     warmup: int = 1
     runs: int = 3
@@ -102,7 +102,58 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
     if cfg.hugepages not in HUGEPAGES:
         raise BenchError(f"unknown --hugepages {cfg.hugepages!r}; choose from {', '.join(HUGEPAGES)}")
     labels = _labels(cfg.bundles, manifests)
-    systems: list[System] = [EdgeGPT(b, cfg.threads, cfg.provider, label) for b, label in zip(cfg.bundles, labels)]
+    counts = thread_counts(cfg.threads)
+    n_ctx = max(512, -(-(w.prompt_tokens + w.new_tokens + max(cfg.sweep or [0])) // 256) * 256)
+    systems: list[System] = []
+    bases: list[tuple[str, Optional[int]]] = []  # (label without the thread count, threads) per system
+    for t in counts:
+        for s in _systems(cfg, manifests, labels, t, n_ctx):
+            bases.append((s.label, t))
+            if len(counts) > 1:
+                s.label = f"{s.label} @{t}t"
+            systems.append(s)
+    huge = hugepages.available() and cfg.hugepages != "none"
+    for s in systems:
+        s.hugepages = huge and (cfg.hugepages == "all" or isinstance(s, EdgeGPT))
+    sizes = {s.label: _size(s) for s in systems}
+    sweep = {}
+    for c in cfg.sweep:
+        if c + 16 > min(m["max_context"] for m in manifests):
+            raise BenchError(f"--sweep-context {c}: context + 16 decode tokens exceeds the model's context")
+        sweep[c] = Workload("sweep", c, 16).prompt_ids(vocab)
+    bounds, bws = {}, {}
+    if cfg.roofline:
+        bws = {t: measure_bandwidth(t) for t in counts}
+        weights = {b: weight_bytes_per_token(b) for b in cfg.bundles}
+        for s in systems:
+            wb = weights[s.bundle] if isinstance(s, EdgeGPT) else None
+            bounds[s.label] = bws[s.threads]["gb_per_s"] * 1e9 / wb if wb else None
+    results = measure(systems, w.prompt_ids(vocab), w.new_tokens, warmup=cfg.warmup, runs=cfg.runs, sweep=sweep,
+                      progress=progress, settle_s=cfg.settle_s)
+    meta = {"workload": w.__dict__, "threads": counts[0] if len(counts) == 1 else list(counts),
+            "provider": cfg.provider, "warmup": cfg.warmup, "runs": cfg.runs, "settle_s": cfg.settle_s,
+            "hugepages": [s.label for s in systems if s.hugepages], "machine": report.machine(),
+            "bandwidth": bws[counts[0]] if len(counts) == 1 and bws else None,
+            "bandwidth_by_threads": {str(t): bw for t, bw in bws.items()},
+            "bound_tok_s": {k: v for k, v in bounds.items()}, "bundles": dict(zip(labels, cfg.bundles))}
+    notes = report.notes(results) + (report.thread_notes(results, bases) if len(counts) > 1 else [])
+    return BenchReport(results, report.table(results, sizes, bounds), notes, report.to_json(results, meta))
+
+
+def thread_counts(threads: Optional[int] | tuple[int, ...]) -> tuple[Optional[int], ...]:
+    """The thread counts to run every system at: one (an int, or None for onnxruntime's default) or several."""
+    counts = (threads,) if threads is None or isinstance(threads, int) else tuple(threads)
+    if not counts or any(t is not None and (not isinstance(t, int) or t < 1) for t in counts):
+        raise BenchError(f"threads must be whole numbers >= 1, got {threads!r}")
+    if len(set(counts)) != len(counts):
+        raise BenchError(f"threads: {threads!r} repeats a count")
+    return counts
+
+
+def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads: Optional[int],
+             n_ctx: int) -> list[System]:
+    """Every system the config asks for, at one thread count."""
+    systems: list[System] = [EdgeGPT(b, threads, cfg.provider, label) for b, label in zip(cfg.bundles, labels)]
     # Optimum needs the plain contract (a growing past, every position's logits): the first such bundle.
     plain = next((b for b, m in zip(cfg.bundles, manifests)
                   if not m["graph"]["options"].get("shared_kv_buffer") and not m["graph"]["options"].get("last_logits_only")),
@@ -112,45 +163,28 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
             src = cfg.checkpoint or manifests[0].get("source", {}).get("checkpoint")
             if not src:
                 raise BenchError("--baseline torch needs the checkpoint the bundle came from: pass --checkpoint DIR")
-            systems.append(TorchEager(src, cfg.threads))
+            systems.append(TorchEager(src, threads))
         elif b == "optimum" or b == "genai":
             if plain is None:
                 raise BenchError(f"--baseline {b} runs the standard contract: add a bundle exported with "
                                  f"--kv-cache concat and without --last-logits-only")
-            systems.append(Optimum(plain, cfg.threads) if b == "optimum" else GenAI(plain, cfg.threads))
+            systems.append(Optimum(plain, threads) if b == "optimum" else GenAI(plain, threads))
     for path in cfg.genai:
-        _check_genai_dir(path, w.prompt_tokens + w.new_tokens)
-        systems.append(GenAI(path, cfg.threads, label=f"onnxruntime-genai ({Path(path).name})"))
-    n_ctx = max(512, -(-(w.prompt_tokens + w.new_tokens + max(cfg.sweep or [0])) // 256) * 256)
+        _check_genai_dir(path, cfg.workload.prompt_tokens + cfg.workload.new_tokens)
+        systems.append(GenAI(path, threads, label=f"onnxruntime-genai ({Path(path).name})"))
     for path in cfg.gguf:
         if not Path(path).is_file():
             raise BenchError(f"GGUF file {path} does not exist; write one with scripts/peers/gguf_from_checkpoint.py")
-        systems.append(LlamaCpp(path, cfg.threads, n_ctx))
-    huge = hugepages.available() and cfg.hugepages != "none"
-    for s in systems:
-        s.hugepages = huge and (cfg.hugepages == "all" or isinstance(s, EdgeGPT))
-    sizes = {label: bundle_size(b) for b, label in zip(cfg.bundles, labels)}
-    sizes.update({s.label: Path(s.gguf).stat().st_size for s in systems if isinstance(s, LlamaCpp)})
-    sizes.update({s.label: bundle_size(s.bundle) for s in systems if isinstance(s, GenAI)})
-    sweep = {}
-    for c in cfg.sweep:
-        if c + 16 > min(m["max_context"] for m in manifests):
-            raise BenchError(f"--sweep-context {c}: context + 16 decode tokens exceeds the model's context")
-        sweep[c] = Workload("sweep", c, 16).prompt_ids(vocab)
-    bounds, bw = {}, None
-    if cfg.roofline:
-        bw = measure_bandwidth(cfg.threads)
-        for b, label in zip(cfg.bundles, labels):
-            wb = weight_bytes_per_token(b)
-            bounds[label] = bw["gb_per_s"] * 1e9 / wb if wb else None
-    results = measure(systems, w.prompt_ids(vocab), w.new_tokens, warmup=cfg.warmup, runs=cfg.runs, sweep=sweep,
-                      progress=progress, settle_s=cfg.settle_s)
-    meta = {"workload": w.__dict__, "threads": cfg.threads, "provider": cfg.provider, "warmup": cfg.warmup,
-            "runs": cfg.runs, "settle_s": cfg.settle_s,
-            "hugepages": [s.label for s in systems if s.hugepages], "machine": report.machine(), "bandwidth": bw,
-            "bound_tok_s": {k: v for k, v in bounds.items()}, "bundles": dict(zip(labels, cfg.bundles))}
-    return BenchReport(results, report.table(results, sizes, bounds), report.notes(results),
-                       report.to_json(results, meta))
+        systems.append(LlamaCpp(path, threads, n_ctx))
+    return systems
+
+
+def _size(s: System) -> Optional[int]:
+    if isinstance(s, (EdgeGPT, GenAI)):
+        return bundle_size(s.bundle)
+    if isinstance(s, LlamaCpp):
+        return Path(s.gguf).stat().st_size
+    return None
 
 
 def _labels(paths: list[str], manifests: list[dict]) -> list[str]:

@@ -79,6 +79,28 @@ def notes(results: list[Result]) -> list[str]:
     return out
 
 
+def thread_notes(results: list[Result], bases: list[tuple[str, Optional[int]]]) -> list[str]:
+    """For a thread sweep: per system, the thread count with the fastest decode and the one with the
+    fastest TTFT (they can differ: prefill is compute, decode is memory), with every count's figures."""
+    groups: dict[str, list[tuple[Optional[int], Result]]] = {}
+    for (base, t), r in zip(bases, results):
+        if r.runs:
+            groups.setdefault(base, []).append((t, r))
+    out = []
+    for base, rs in groups.items():
+        if len(rs) < 2:
+            continue
+        dec = max(rs, key=lambda x: x[1].median("decode_tok_s"))[0]
+        ttft = min(rs, key=lambda x: x[1].median("ttft_ms"))[0]
+        out.append(f"{base}: fastest decode at {_threads(dec)}, fastest TTFT at {_threads(ttft)} (" + "; ".join(
+            f"{_threads(t)}: {r.median('decode_tok_s'):.1f} tok/s, TTFT {r.median('ttft_ms'):.1f} ms" for t, r in rs) + ")")
+    return out
+
+
+def _threads(t: Optional[int]) -> str:
+    return "onnxruntime's default threads" if t is None else f"{t} thread" + ("" if t == 1 else "s")
+
+
 def to_json(results: list[Result], meta: dict) -> dict:
     return {**meta, "results": [{
         "label": r.label, "kind": r.kind, "error": r.error, "load_s": r.load_s, "peak_rss_mb": r.peak_rss_mb,

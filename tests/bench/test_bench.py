@@ -100,6 +100,34 @@ def test_bench_command_writes_json_and_plot(bundle, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_thread_sweep_runs_every_system_at_each_count(bundle, tmp_path):
+    from edgegpt.bench.bench import _systems, thread_counts
+
+    res = CliRunner().invoke(main, ["bench", str(bundle), "--prompt-tokens", "8", "--new-tokens", "6", "--runs", "2",
+                                    "--warmup", "0", "--threads", "1,2", "--settle", "0", "--roofline",
+                                    "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert "| edgegpt fp32 (b) @1t |" in res.output and "| edgegpt fp32 (b) @2t |" in res.output
+    assert "1/2 threads" in res.output and "note: edgegpt fp32 (b): fastest decode at " in res.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["threads"] == [1, 2] and set(data["bandwidth_by_threads"]) == {"1", "2"}
+    assert [r["label"] for r in data["results"]] == ["edgegpt fp32 (b) @1t", "edgegpt fp32 (b) @2t"]
+    assert all(set(v) == {"ttft_ms", "decode_tok_s", "e2e_s"} for r in data["results"] for v in r["runs"])
+    # each count reaches the onnxruntime session the worker builds
+    cfg = BenchConfig([str(bundle)], Workload("t", 8, 6))
+    for t in (1, 2):
+        (s,) = _systems(cfg, [json.loads((bundle / "edgegpt.json").read_text())], ["x"], t, 512)
+        s.load()
+        assert s.gen.session.session.get_session_options().intra_op_num_threads == t
+    assert thread_counts(2) == (2,) and thread_counts((1, 2)) == (1, 2)
+    for bad in ((1, 1), (0, 2), ()):
+        with pytest.raises(BenchError, match="threads"):
+            thread_counts(bad)
+    for bad in ("1,1", "0", "two"):
+        res = CliRunner().invoke(main, ["bench", str(bundle), "--threads", bad])
+        assert res.exit_code == 2 and "--threads" in res.output
+
+
 def test_refusals(bundle, hf_checkpoint):
     with pytest.raises(BundleError, match="is a checkpoint, not a bundle; build one first: edgegpt export"):
         run_bench(BenchConfig([str(hf_checkpoint("distil-like"))], WORKLOADS["W3"]))
