@@ -387,9 +387,10 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
                f"interleaved; {rep.data['machine']['cpu']}, onnxruntime {rep.data['machine']['onnxruntime']}")
     click.echo(rep.table)
     for t, bw in rep.data["bandwidth_by_threads"].items():
-        click.echo(f"bandwidth {bw['gb_per_s']} GB/s ({bw['method']})")
-    if rep.data["bandwidth_by_threads"]:
-        click.echo("decode bound tok/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rep.data["bound_tok_s"].items() if v))
+        click.echo(f"bandwidth {bw['gb_per_s']} GB/s: the median of {bw['probes']} probes, one before each run "
+                   f"({bw['min']}-{bw['best']}; {bw['method']})")
+    if rep.data["bound_tok_s"]:
+        click.echo("decode bound tok/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rep.data["bound_tok_s"].items()))
     for r in rep.results:
         if r.sweep:
             click.echo(f"context sweep, {r.label}: " + ", ".join(f"{c}: {ms:.2f} ms/token" for c, ms in sorted(r.sweep.items())))

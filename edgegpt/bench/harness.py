@@ -61,6 +61,7 @@ class RunStats:
     decode_tok_s: float
     e2e_s: float
     step_ms: list[float]
+    bandwidth_gb_s: Optional[float] = None  # read bandwidth probed right before this run (--roofline)
 
 
 def reduce_run(t0: float, stamps: list[float]) -> RunStats:
@@ -147,22 +148,29 @@ def peak_rss_of(pid: int) -> float:
 
 def measure(systems: list[System], prompts: list[list[int]], new_tokens: int, *, warmup: int, runs: int,
             sweep: Optional[dict[int, list[list[int]]]] = None, sweep_new_tokens: int = 16,
-            progress: Optional[Callable[[str], None]] = None, settle_s: float = 0.25) -> list[Result]:
+            progress: Optional[Callable[[str], None]] = None, settle_s: float = 0.25,
+            probe: Optional[Callable[[System], Optional[float]]] = None) -> list[Result]:
     """settle_s: idle time before every run, so the previous system's worker threads (onnxruntime
     and llama.cpp both spin-wait after a run) have gone to sleep and each run starts on an idle
     machine, as a request in an interactive app does. Without it, the first few ms of a run (the
-    prefill: TTFT) compete with the last system's spinning threads on a 2-core machine."""
+    prefill: TTFT) compete with the last system's spinning threads on a 2-core machine.
+
+    probe: called before each timed run of a system (after the idle time; the probe itself never
+    spins); its bandwidth is kept with the run, so each run is judged against the machine as it was
+    at that moment."""
     pool = Pool(systems)
     try:
         rounds = [("warmup", r) for r in range(warmup)] + [("run", r) for r in range(runs)]
         for phase, _ in rounds:
             for i, res in enumerate(pool.results):
-                time.sleep(settle_s)
+                time.sleep(settle_s)  # before the probe too: the last system's threads may still spin
+                bw = probe(systems[i]) if probe and phase == "run" and not res.error else None
                 out = pool.run(i, prompts, new_tokens)
                 if progress:
                     progress(res.label)
                 if out is not None and phase == "run":
                     res.runs.append(reduce_run(*out[:2]))
+                    res.runs[-1].bandwidth_gb_s = bw
                     res.tokens = res.tokens or out[2]
         for ctx_len, sweep_prompt in (sweep or {}).items():
             for i, res in enumerate(pool.results):

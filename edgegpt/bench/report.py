@@ -35,25 +35,25 @@ def _fmt_spread(res: Result, attr: str, scale: float = 1.0, digits: int = 1) -> 
     return f"{res.median(attr) * scale:.{digits}f} ({lo * scale:.{digits}f}-{hi * scale:.{digits}f})"
 
 
-def table(results: list[Result], sizes: dict[str, Optional[int]], bounds: dict[str, Optional[float]]) -> str:
+def table(results: list[Result], sizes: dict[str, Optional[int]], pct: dict[str, float]) -> str:
+    """pct: per system, the median percentage of the decode bound its runs reached (--roofline)."""
     ok = [r for r in results if r.runs]
     base = ok[0] if ok else None
     head = ("| system | size MB | load s | TTFT ms | decode tok/s (min-max) | step p50 / p90 ms | e2e s | peak RSS MB "
-            "| decode x first | TTFT x first | tokens = first |" + (" % of BW bound |" if any(bounds.values()) else ""))
+            "| decode x first | TTFT x first | tokens = first |" + (" % of BW bound |" if pct else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         if not r.runs:
             lines.append(f"| {r.label} |" + " - |" * (head.count("|") - 2))
             continue
         size = sizes.get(r.label)
-        bound = bounds.get(r.label)
         row = (f"| {r.label} | {size / 1e6:.1f} | " if size else f"| {r.label} | - | ") + (
             f"{r.load_s:.2f} | {r.median('ttft_ms'):.1f} | {_fmt_spread(r, 'decode_tok_s')} | "
             f"{r.step_percentile(0.5):.2f} / {r.step_percentile(0.9):.2f} | {r.median('e2e_s'):.3f} | "
             f"{r.peak_rss_mb:.0f} | {r.median('decode_tok_s') / base.median('decode_tok_s'):.2f} | "
             f"{r.median('ttft_ms') / base.median('ttft_ms'):.2f} | {same_prefix(r.tokens, base.tokens)} |")
-        if any(bounds.values()):
-            row += f" {100 * r.median('decode_tok_s') / bound:.0f}% |" if bound else " - |"
+        if pct:
+            row += f" {pct[r.label]:.0f}% |" if r.label in pct else " - |"
         lines.append(row)
     return "\n".join(lines)
 
@@ -110,7 +110,8 @@ def to_json(results: list[Result], meta: dict) -> dict:
         "step_ms_p50": r.step_percentile(0.5) if r.runs else None,
         "step_ms_p90": r.step_percentile(0.9) if r.runs else None,
         "tokens": r.tokens,
-        "runs": [{"ttft_ms": x.ttft_ms, "decode_tok_s": x.decode_tok_s, "e2e_s": x.e2e_s} for x in r.runs],
+        "runs": [{"ttft_ms": x.ttft_ms, "decode_tok_s": x.decode_tok_s, "e2e_s": x.e2e_s,
+                  **({"bandwidth_gb_s": x.bandwidth_gb_s} if x.bandwidth_gb_s else {})} for x in r.runs],
         "sweep_ms_per_token": {str(k): v for k, v in r.sweep.items()},
     } for r in results]}
 
