@@ -260,9 +260,10 @@ def inspect(bundle):
               help="int8/int4: precision of the tied LM head [int8].")
 @click.option("--embedding", type=click.Choice(["fp32", "int8", "int4"]), default=None,
               help="int8/int4: precision of the token-embedding table (GatherBlockQuantized) [int8 with a quantized head].")
-@click.option("--kv-cache", type=click.Choice(["fp32", "int8"]), default=None,
-              help="fp32/int8/int4 of a --kv-cache shared export: keep the KV cache in int8 (static scales calibrated "
-                   "on --calibration text; faster decode at long context, same time to first token) [fp32].")
+@click.option("--kv-cache", type=click.Choice(["auto", "fp32", "int8"]), default="auto", show_default=True,
+              help="KV cache of a --kv-cache shared export: int8 (static scales calibrated on --calibration text; "
+                   "faster decode at long context, same time to first token) or fp32. auto: int8 for int8/int4 "
+                   "weights unless, along the decode path, it adds over 25%% (+1e-4) to the weights' own KL.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help="Calibration text file: int8-static, int4 --algorithm gptq and --kv-cache int8 [builtin:pydoc].")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False),

@@ -86,7 +86,9 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
 
             src = Path(work) / "quantized"
             cal = calibration if calibration is not None or want != "int8-static" else default_eval_text(20_000)
-            quantize_bundle(bundle, src, want, calibration=cal, force=force)
+            # an int8 KV cache runs on onnxruntime's CPU kernel: other targets keep fp32
+            quantize_bundle(bundle, src, want, calibration=cal, force=force,
+                            kv_cache=None if target.name == "cpu" else "fp32")
         with atomic_dir(out) as tmp:
             for f in src.iterdir():
                 if f.is_file():

@@ -144,7 +144,13 @@ def decode_path(bundle: str | Path, reference: str | Path, text: str, *, prompt:
     ``text`` prefilled, then ``tokens`` more fed one at a time through each bundle's own KV cache
     (teacher-forced). Strided perplexity never reads a cache back; this is what measures a
     quantized cache (shared-buffer bundles, where the cache lives in place)."""
-    sessions = [ModelSession(bundle), ModelSession(reference)]
+    return decode_paths([bundle], reference, text, prompt=prompt, tokens=tokens)[0]
+
+
+def decode_paths(bundles: list[str | Path], reference: str | Path, text: str, *, prompt: int = 32,
+                 tokens: int = 256) -> list[dict]:
+    """decode_path for several bundles over the same tokens, running the reference once."""
+    sessions = [ModelSession(b) for b in bundles] + [ModelSession(reference)]
     limit = min(s.max_context for s in sessions)
     ids = load_bundle_tokenizer(reference).encode(text).ids[:min(prompt + tokens, limit)]
     if len(ids) <= prompt + 1:
@@ -158,7 +164,7 @@ def decode_path(bundle: str | Path, reference: str | Path, text: str, *, prompt:
             rows.append(_log_softmax(cache.step(np.asarray([[ids[t]]], np.int64), np.ones((1, t + 1), np.int64),
                                                 np.asarray([[t]], np.int64))))
         logps.append(np.concatenate(rows))
-    lp, rp = logps
-    return {"kl_mean": round(float((np.exp(rp) * (rp - lp)).sum(-1).mean()), 6),
-            "top1_agreement": round(float((rp.argmax(-1) == lp.argmax(-1)).mean()), 5),
-            "prompt_tokens": prompt, "positions": int(lp.shape[0])}
+    rp = logps.pop()
+    return [{"kl_mean": round(float((np.exp(rp) * (rp - lp)).sum(-1).mean()), 6),
+             "top1_agreement": round(float((rp.argmax(-1) == lp.argmax(-1)).mean()), 5),
+             "prompt_tokens": prompt, "positions": int(lp.shape[0])} for lp in logps]

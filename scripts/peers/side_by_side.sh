@@ -20,8 +20,8 @@ build() {  # name, then the command that writes "$OUT/name"
 }
 build src-fp32  edgegpt export "$CKPT" --out "$OUT/src-fp32" --kv-cache shared
 build fp32      edgegpt export "$CKPT" --out "$OUT/fp32" --kv-cache shared --last-logits-only
-build int8      edgegpt quantize "$OUT/src-fp32" --out "$OUT/int8" --mode int8 --last-logits-only
-build int4      edgegpt quantize "$OUT/src-fp32" --out "$OUT/int4" --mode int4 --last-logits-only
+build int8      edgegpt quantize "$OUT/src-fp32" --out "$OUT/int8" --mode int8 --kv-cache fp32 --last-logits-only
+build int4      edgegpt quantize "$OUT/src-fp32" --out "$OUT/int4" --mode int4 --kv-cache fp32 --last-logits-only
 build int8-kv8  edgegpt quantize "$OUT/src-fp32" --out "$OUT/int8-kv8" --mode int8 --kv-cache int8 --last-logits-only
 build int4-kv8  edgegpt quantize "$OUT/src-fp32" --out "$OUT/int4-kv8" --mode int4 --kv-cache int8 --last-logits-only
 

@@ -1,4 +1,4 @@
-"""`quantize --kv-cache int8`: GroupQueryAttention's int8 cache with calibrated scales, on trained weights."""
+"""`quantize --kv-cache auto|int8`: GroupQueryAttention's int8 cache with calibrated scales, on trained weights."""
 
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ EVAL_TOKENS = 1500
 def shared_bundles(trained_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("kv8")
     export_bundle(trained_checkpoint, root / "fp32", ExportOptions(kv_cache="shared"))
-    fp32kv = quantize_bundle(root / "fp32", root / "int4", "int4", eval_tokens=EVAL_TOKENS)
+    fp32kv = quantize_bundle(root / "fp32", root / "int4", "int4", eval_tokens=EVAL_TOKENS, kv_cache="fp32")
     int8kv = quantize_bundle(root / "fp32", root / "int4-kv8", "int4", eval_tokens=EVAL_TOKENS, kv_cache="int8")
     return root, fp32kv, int8kv
 
@@ -44,6 +44,42 @@ def test_int8_cache_costs_no_measurable_quality_on_the_decode_path(shared_bundle
           for name in ("int4", "int4-kv8")}
     # int4 weights dominate the error; the int8 cache adds at most a sliver on top
     assert kl["int4-kv8"] < kl["int4"] * 1.2 + 1e-3, kl
+
+
+def test_auto_takes_the_int8_cache_on_shared_exports_and_measures_what_it_adds(shared_bundles, trained_bundle,
+                                                                               tmp_path):
+    root, fp32kv, _ = shared_bundles
+    assert fp32kv["recipe"].get("kv_cache") is None and ModelSession(root / "int4").kv_dtype == np.float32
+    m = quantize_bundle(root / "fp32", tmp_path / "auto", "int8", eval_tokens=EVAL_TOKENS)  # auto is the default
+    kv, dp = m["recipe"]["kv_cache"], m["quality"]["decode_path"]
+    assert kv["dtype"] == "int8" and kv["chosen_by"] == "auto" and ModelSession(tmp_path / "auto").kv_dtype == np.int8
+    # the same tokens through the same weights with an fp32 cache: what the int8 cache adds is within allowance
+    assert kv["added_kl"] == pytest.approx(dp["kl_mean"] - dp["fp32_cache_kl_mean"], abs=2e-6)
+    assert kv["added_kl"] <= kv["auto_allowance_kl"] and 0 < dp["fp32_cache_kl_mean"] < 0.01
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto"]  # the weights-only copy is gone
+    # a concat export has no shared buffer: auto keeps fp32 there, without a word
+    c = quantize_bundle(trained_bundle, tmp_path / "concat", "int8", eval_tokens=EVAL_TOKENS)
+    assert "kv_cache" not in c["recipe"] and ModelSession(tmp_path / "concat").kv_dtype == np.float32
+
+
+def test_auto_falls_back_to_the_fp32_cache_when_int8_adds_too_much(shared_bundles, tmp_path, monkeypatch):
+    from edgegpt.quantize import bundle as qb
+
+    root, _, _ = shared_bundles
+    monkeypatch.setattr(qb, "KV_AUTO_ABSOLUTE", -1.0)  # an allowance no cache can meet
+    m = quantize_bundle(root / "fp32", tmp_path / "q", "int8", eval_tokens=EVAL_TOKENS)
+    kv = m["recipe"]["kv_cache"]
+    assert kv["dtype"] == "float32" and kv["chosen_by"] == "auto" and kv["rejected_int8"]["dtype"] == "int8"
+    assert kv["rejected_int8"]["added_kl"] > kv["rejected_int8"]["auto_allowance_kl"]
+    assert "decode_path" not in m["quality"] and all(x["dtype"] != "int8" for x in m["io"]["inputs"])
+    s = ModelSession(tmp_path / "q")
+    assert s.kv_dtype == np.float32 and not any(n.op_type == "If" for n in __import__("onnx").load(
+        str(tmp_path / "q" / "model.onnx")).graph.node)
+    assert Generator.load(tmp_path / "q").generate("The for statement", 8, ignore_eos=True)
+    # asked for by name, int8 stays whatever it adds (the manifest still records it)
+    forced = quantize_bundle(root / "fp32", tmp_path / "f", "int8", eval_tokens=EVAL_TOKENS, kv_cache="int8")
+    assert forced["recipe"]["kv_cache"]["dtype"] == "int8" and forced["recipe"]["kv_cache"]["chosen_by"] == "--kv-cache int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "q"]
 
 
 def test_int8_cache_generates_through_the_runtime(shared_bundles):
