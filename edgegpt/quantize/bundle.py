@@ -78,7 +78,9 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
     graph, then the LM head is restricted to the last position (faster prefill for generation).
     ``kv_cache="int8"`` (modes fp32 / int8 / int4 of a shared-KV bundle) also stores the KV cache in
     int8 with scales calibrated on ``calibration`` (default: builtin:pydoc less its held-out tail);
-    mode fp32 keeps the weights and only quantizes the cache."""
+    mode fp32 keeps the weights and only quantizes the cache. ``kv_cache=None`` / ``"auto"`` (the
+    default) does so for int8 / int4 on a shared-KV bundle when the decode-path check passes
+    (``_check_int8_cache``); ``"fp32"`` never does."""
     src, out = Path(src), Path(out)
     manifest = read_manifest(src)
     check_output_dir(out, overwrite=overwrite, what="bundle", inputs=(src,))
