@@ -11,7 +11,8 @@ from typing import Callable, Optional
 from edgegpt.bench import report
 from edgegpt.bench.harness import Result, measure
 from edgegpt.bench.roofline import BandwidthProbe, weight_bytes_per_token
-from edgegpt.bench.systems import BenchError, EdgeGPT, GenAI, LlamaCpp, Optimum, System, TorchEager
+from edgegpt.bench.systems import (BenchError, EdgeGPT, GenAI, LlamaCpp, Optimum, System, TorchEager, gguf_precision,
+                                   onnx_precision)
 from edgegpt.bench.workloads import WORKLOADS, Workload
 from edgegpt.errors import BundleError
 from edgegpt.manifest import MANIFEST, bundle_size, read_manifest
@@ -107,8 +108,9 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
     n_ctx = max(512, -(-(w.prompt_tokens + w.new_tokens + max(cfg.sweep or [0])) // 256) * 256)
     systems: list[System] = []
     bases: list[tuple[str, Optional[int]]] = []  # (label without the thread count, threads) per system
+    precisions: dict[str, Optional[str]] = {}
     for t in counts:
-        for s in _systems(cfg, manifests, labels, t, n_ctx):
+        for s in _systems(cfg, manifests, labels, t, n_ctx, precisions):
             bases.append((s.label, t))
             if len(counts) > 1:
                 s.label = f"{s.label} @{t}t"
@@ -151,8 +153,9 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
             "hugepages": [s.label for s in systems if s.hugepages], "machine": report.machine(),
             "bandwidth": bws[counts[0]] if len(counts) == 1 and bws else None,
             "bandwidth_by_threads": {str(t): bw for t, bw in bws.items()},
-            "bound_tok_s": bounds, "pct_of_bound": pct, "bundles": dict(zip(labels, cfg.bundles))}
-    notes = report.notes(results) + (report.thread_notes(results, bases) if len(counts) > 1 else [])
+            "bound_tok_s": bounds, "pct_of_bound": pct, "precision": {s.label: s.precision for s in systems}, "bundles": dict(zip(labels, cfg.bundles))}
+    notes = report.notes(results) + report.peer_notes(results, systems) + (
+        report.thread_notes(results, bases) if len(counts) > 1 else [])
     return BenchReport(results, report.table(results, sizes, pct), notes, report.to_json(results, meta))
 
 
@@ -167,9 +170,13 @@ def thread_counts(threads: Optional[int] | tuple[int, ...]) -> tuple[Optional[in
 
 
 def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads: Optional[int],
-             n_ctx: int) -> list[System]:
-    """Every system the config asks for, at one thread count."""
+             n_ctx: int, precisions: Optional[dict[str, Optional[str]]] = None) -> list[System]:
+    """Every system the config asks for, at one thread count, each with its precision (``precisions``
+    caches the peers' across thread counts)."""
+    precisions = {} if precisions is None else precisions
     systems: list[System] = [EdgeGPT(b, threads, cfg.provider, label) for b, label in zip(cfg.bundles, labels)]
+    for s, m in zip(systems, manifests):
+        s.precision = m["precision"]
     # Optimum needs the plain contract (a growing past, every position's logits): the first such bundle.
     plain = next((b for b, m in zip(cfg.bundles, manifests)
                   if not m["graph"]["options"].get("shared_kv_buffer") and not m["graph"]["options"].get("last_logits_only")),
@@ -180,18 +187,22 @@ def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads
             if not src:
                 raise BenchError("--baseline torch needs the checkpoint the bundle came from: pass --checkpoint DIR")
             systems.append(TorchEager(src, threads))
+            systems[-1].precision = "fp32"
         elif b == "optimum" or b == "genai":
             if plain is None:
                 raise BenchError(f"--baseline {b} runs the standard contract: add a bundle exported with "
                                  f"--kv-cache concat and without --last-logits-only")
             systems.append(Optimum(plain, threads) if b == "optimum" else GenAI(plain, threads))
+            systems[-1].precision = read_manifest(plain)["precision"]
     for path in cfg.genai:
         _check_genai_dir(path, cfg.workload.prompt_tokens + cfg.workload.new_tokens)
         systems.append(GenAI(path, threads, label=f"onnxruntime-genai ({Path(path).name})"))
+        systems[-1].precision = precisions.setdefault(path, onnx_precision(path))
     for path in cfg.gguf:
         if not Path(path).is_file():
             raise BenchError(f"GGUF file {path} does not exist; write one with scripts/peers/gguf_from_checkpoint.py")
         systems.append(LlamaCpp(path, threads, n_ctx))
+        systems[-1].precision = precisions.setdefault(path, gguf_precision(path))
     return systems
 
 

@@ -79,6 +79,24 @@ def notes(results: list[Result]) -> list[str]:
     return out
 
 
+def peer_notes(results: list[Result], systems: list) -> list[str]:
+    """Per edgegpt system, its decode and TTFT as ratios to every peer of the same precision and thread
+    count in the run (llama.cpp q4_0 for int4, q8_0 for int8, f32 for fp32; genai; PyTorch; Optimum)."""
+    out = []
+    for s, r in zip(systems, results):
+        if s.kind != "edgegpt" or not r.runs or not s.precision:
+            continue
+        peers = [q for p, q in zip(systems, results) if p.kind != "edgegpt" and p.precision == s.precision
+                 and p.threads == s.threads and q.runs]
+        if peers:
+            dec = r.median("decode_tok_s")
+            ttft = r.median("ttft_ms")
+            out.append(f"{r.label} against the {s.precision} peers: decode " + ", ".join(
+                f"{dec / q.median('decode_tok_s'):.2f}x {q.label}" for q in peers) + "; TTFT " + ", ".join(
+                f"{ttft / q.median('ttft_ms'):.2f}x {q.label}" for q in peers))
+    return out
+
+
 def thread_notes(results: list[Result], bases: list[tuple[str, Optional[int]]]) -> list[str]:
     """For a thread sweep: per system, the thread count with the fastest decode and the one with the
     fastest TTFT (they can differ: prefill is compute, decode is memory), with every count's figures."""

@@ -9,6 +9,8 @@ clear BenchError naming it.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -21,11 +23,59 @@ class BenchError(EdgeGPTError):
     """A benchmark cannot run as asked (missing package, checkpoint instead of bundle, ...)."""
 
 
+# llama.cpp's general.file_type (gguf-py's LlamaFileType) for the precisions edgegpt ships
+GGUF_FILE_TYPES = {0: "fp32", 1: "fp16", 7: "int8", 2: "int4", 3: "int4", 14: "int4", 15: "int4"}
+GGUF_NAME_TAGS = (("f32", "fp32"), ("f16", "fp16"), ("q8_0", "int8"), ("q4_0", "int4"), ("q4_1", "int4"),
+                  ("q4_k", "int4"))
+
+
+def gguf_precision(path: str | Path) -> Optional[str]:
+    """The precision of a GGUF file: its general.file_type when gguf-py is installed, else a tag in
+    its name (gguf_from_checkpoint.py names files NAME-f32.gguf, NAME-q8_0.gguf, ...)."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get("general.file_type")
+        if field is not None:
+            return GGUF_FILE_TYPES.get(int(field.parts[field.data[0]][0]))
+    except Exception:  # noqa: BLE001 - gguf-py missing, or a file it cannot read: fall back to the name
+        pass
+    stem = Path(path).stem.lower()
+    return next((prec for tag, prec in GGUF_NAME_TAGS if re.search(rf"(^|[-_.]){tag}($|[-_.])", stem)), None)
+
+
+def onnx_precision(directory: str | Path) -> Optional[str]:
+    """The precision of an onnxruntime-genai model directory: an edgegpt bundle's manifest, else what the
+    decoder graph's ops say (4-bit MatMulNBits: int4; 8-bit or integer MatMuls: int8; fp16 weights: fp16)."""
+    from edgegpt.manifest import MANIFEST, read_manifest
+
+    d = Path(directory)
+    if (d / MANIFEST).is_file():
+        return read_manifest(d)["precision"]
+    try:
+        import onnx
+
+        name = json.loads((d / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+        graph = onnx.load(str(d / name), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - no onnx, or not a model we can read: unknown
+        return None
+    bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    ops = {n.op_type for n in graph.node}
+    if 4 in bits:
+        return "int4"
+    if bits or ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}:
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
 class System(ABC):
     label: str = ""
     kind: str = ""
     tokens: list[int] = []  # the first prompt's new tokens from the last run
     hugepages: bool = False  # start its worker with glibc's huge pages for malloc (edgegpt.runtime.hugepages)
+    precision: Optional[str] = None  # fp32 | fp16 | int8 | int4 (None: unknown): whom it is compared with
 
     @abstractmethod
     def load(self) -> None:

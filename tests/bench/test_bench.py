@@ -276,3 +276,46 @@ def test_hugepages_env_reaches_only_the_chosen_workers(bundle, monkeypatch):
         pool.close()
     assert huge_kb[0] > 0 and huge_kb[1] == 0  # glibc gave huge pages to the chosen worker only
     assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"  # the parent's environment is restored
+
+
+def test_each_system_knows_its_precision_and_notes_compare_matching_peers(bundle, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgegpt.bench.harness import Result, RunStats
+    from edgegpt.bench.report import peer_notes
+    from edgegpt.bench.systems import EdgeGPT, LlamaCpp, gguf_precision, onnx_precision
+
+    # GGUF: general.file_type when gguf-py can read the file, else the name's tag
+    assert [gguf_precision(tmp_path / n) for n in ("m-f32.gguf", "m-q8_0.gguf", "m-Q4_K_M.gguf", "m.gguf")] == \
+        ["fp32", "int8", "int4", None]
+    # genai directories: an edgegpt manifest, else the decoder graph's ops
+    assert onnx_precision(bundle) == "fp32"
+    for bits, want in ((4, "int4"), (8, "int8")):
+        d = tmp_path / f"g{bits}"
+        d.mkdir()
+        (d / "genai_config.json").write_text('{"model": {"decoder": {"filename": "m.onnx"}}}')
+        node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=32, N=8, bits=bits,
+                                block_size=32)
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(np.zeros((8, 1, 16), np.uint8), "w"),
+                               numpy_helper.from_array(np.ones(8, np.float32), "s")])
+        onnx.save(helper.make_model(g), str(d / "m.onnx"))
+        assert onnx_precision(d) == want
+    assert onnx_precision(tmp_path) is None  # no genai_config.json: unknown
+
+    def sys_(cls, label, precision, threads=2):
+        s = cls.__new__(cls)
+        s.label, s.precision, s.threads = label, precision, threads
+        return s
+
+    def res(label, tok_s, ttft):
+        return Result(label, "", runs=[RunStats(ttft, tok_s, 1.0, [])])
+
+    systems = [sys_(EdgeGPT, "e4", "int4"), sys_(EdgeGPT, "e8", "int8"), sys_(LlamaCpp, "q4", "int4"),
+               sys_(LlamaCpp, "q4 @1t", "int4", threads=1), sys_(LlamaCpp, "f32", "fp32")]
+    results = [res("e4", 250.0, 60.0), res("e8", 200.0, 30.0), res("q4", 200.0, 80.0), res("q4 @1t", 100.0, 90.0),
+               res("f32", 70.0, 140.0)]
+    assert peer_notes(results, systems) == ["e4 against the int4 peers: decode 1.25x q4; TTFT 0.75x q4"]
