@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,11 @@ def save_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=EXTERNAL_DATA_FILE, size_threshold=1024)
+        # onnx creates the data file 0600: give it the mode of every other file in the bundle, so a bundle
+        # copied to an app or a server stays readable by the account that runs it
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path.parent / EXTERNAL_DATA_FILE, 0o666 & ~umask)
     else:
         onnx.save_model(model, str(path))
 

@@ -128,6 +128,9 @@ def test_last_logits_only_is_recorded_and_honoured(hf_checkpoint, tmp_path):
 def test_external_data_keeps_weights_beside_the_graph(hf_checkpoint, tmp_path):
     m = export_bundle(hf_checkpoint("small-vocab"), tmp_path / "b", ExportOptions(external_data="always"))
     assert m["graph"]["external_data"] == "model.onnx.data" and (tmp_path / "b" / "model.onnx.data").is_file()
+    # readable like the graph beside it (onnx alone would leave the data file 0600)
+    mode = lambda name: (tmp_path / "b" / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("model.onnx.data") == mode("model.onnx")
     assert (tmp_path / "b" / "model.onnx").stat().st_size < 100_000 and m["verification"]["passed"]
 
 
