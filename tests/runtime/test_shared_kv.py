@@ -98,3 +98,46 @@ def test_decode_steps_rebind_only_the_three_small_inputs(shared):
     for t in range(4, 8):
         cache.step(np.asarray([[t]]), np.ones((1, t + 1), np.int64), np.asarray([[t]]))
     assert sorted(set(calls)) == ["attention_mask", "input_ids", "position_ids"] and len(calls) == 3 * 4
+
+
+def test_prompt_cache_prefills_only_what_the_next_prompt_adds(trained_checkpoint, tmp_path):
+    out = tmp_path / "shared"
+    export_bundle(trained_checkpoint, out, ExportOptions(kv_cache="shared"))
+    fresh, cached = Generator.load(out), Generator.load(out, prompt_cache=True)
+    text = default_eval_text()[:4000]
+    a = cached.encode(text[:300])[:40]
+    first = cached.generate_ids([a], 12, ignore_eos=True)[0]
+    assert cached.last_reused_tokens == 0 and first == fresh.generate_ids([a], 12, ignore_eos=True)[0]
+    # a chat turn: the history (prompt + reply) and a new message. The cache holds the prompt and all
+    # but the last reply token (that one was never fed back), so that is what is reused.
+    b = a + first + cached.encode(text[300:600])[:15]
+    second = cached.generate_ids([b], 10, ignore_eos=True)[0]
+    assert cached.last_reused_tokens == len(a) + len(first) - 1
+    assert second == fresh.generate_ids([b], 10, ignore_eos=True)[0]
+    # a prompt that parts from the cache after 25 tokens rewinds to there
+    c = a[:25] + cached.encode(text[2000:2400])[:20]
+    assert cached.generate_ids([c], 8, ignore_eos=True)[0] == fresh.generate_ids([c], 8, ignore_eos=True)[0]
+    assert cached.last_reused_tokens == 25
+    # the same prompt again: everything but its last token comes from the cache; stopping a stream
+    # early leaves the cache consistent with what was fed
+    assert cached.generate_ids([c], 8, ignore_eos=True)[0] == fresh.generate_ids([c], 8, ignore_eos=True)[0]
+    assert cached.last_reused_tokens == len(c) - 1
+    text_a = text[:200]
+    for i, _ in enumerate(cached.stream(text_a, 20, ignore_eos=True)):
+        if i == 3:
+            break
+    assert cached.generate(text_a, 6, ignore_eos=True) == fresh.generate(text_a, 6, ignore_eos=True)
+    assert cached.last_reused_tokens == len(cached.encode(text_a)) - 1
+    # batches bypass the kept cache and leave it alone; clear_prompt_cache forgets it
+    ta = cached.encode(text_a)
+    cached.generate_ids([a, a], 4, ignore_eos=True)
+    cached.generate_ids([ta], 2, ignore_eos=True)
+    assert cached.last_reused_tokens == len(ta) - 1
+    cached.clear_prompt_cache()
+    cached.generate_ids([ta], 2, ignore_eos=True)
+    assert cached.last_reused_tokens == 0
+
+
+def test_prompt_cache_needs_a_shared_buffer(trained_bundle):
+    with pytest.raises(ValueError, match="--kv-cache shared"):
+        Generator.load(trained_bundle, prompt_cache=True)
