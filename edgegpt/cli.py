@@ -290,6 +290,54 @@ def quantize(bundle, out, mode, block_size, symmetric, algorithm, accuracy_level
     click.echo(describe(out))
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--system", "system_text", default="", help="Text the history starts with.")
+@sampling_options
+@click.option("--stop", multiple=True, help="Stop string (repeatable) that ends a reply (kept in the history).")
+@click.option("--provider", default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
+@click.option("--stats", is_flag=True, help="After each reply, print the history's length, the tokens reused from "
+                                            "the last turn's KV cache, TTFT and decode speed (to stderr).")
+@friendly_errors
+def chat(bundle, system_text, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, provider,
+         threads, stats):
+    """Continue a history turn by turn: each line on stdin joins it, then the model's reply does.
+
+    The history is kept as token ids. On a --kv-cache shared bundle each turn starts from the last turn's
+    KV cache (the runtime's prompt_cache), so only the new line is prefilled. When the history outgrows
+    the context, its oldest tokens are dropped (and that turn prefills in full)."""
+    import sys
+    import time
+
+    from edgegpt.runtime import Generator
+
+    gen = Generator.load(bundle, provider=provider, threads=threads)
+    if gen.session.kv_capacity:
+        gen = Generator(gen.session, gen.tokenizer, prompt_cache=True)
+    elif stats:
+        click.echo("(this bundle keeps a growing KV cache, so every turn prefills the whole history; export "
+                   "with --kv-cache shared to reuse it)", err=True)
+    if max_new_tokens >= gen.max_context:
+        raise click.UsageError(f"--max-new-tokens must be below the model's context of {gen.max_context}")
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    ids = gen.encode(system_text) if system_text else []
+    for line in sys.stdin:
+        ids = (ids + gen.encode(line if line.endswith("\n") else line + "\n"))[-(gen.max_context - max_new_tokens):]
+        t0, first, new = time.perf_counter(), None, []
+        for piece, t in gen.stream_ids(ids, max_new_tokens, stop=stop, **kw):
+            if t is not None:
+                new.append(t)
+                first = first or time.perf_counter()
+            click.echo(piece, nl=False)
+        click.echo()
+        if stats:
+            speed = (len(new) - 1) / (time.perf_counter() - first) if len(new) > 1 else 0.0
+            click.echo(f"[{len(ids)} tokens of history, {gen.last_reused_tokens if gen.prompt_cache else 0} reused "
+                       f"from the last turn; TTFT {1000 * ((first or t0) - t0):.1f} ms, {speed:.0f} tok/s]", err=True)
+        ids += new
+
+
 @main.command(name="eval")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--text", "text_path", default="builtin:pydoc-heldout", show_default=True,

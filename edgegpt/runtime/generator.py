@@ -197,21 +197,28 @@ class Generator:
 
     def stream(self, prompt: str, max_new_tokens: int = 64, *, stop: Sequence[str] = (), **kw) -> Iterator[str]:
         """Yield text as it is produced: whole UTF-8 characters only, cut before any stop string."""
+        for piece, _ in self.stream_ids(self.encode(prompt), max_new_tokens, stop=stop, **kw):
+            if piece:
+                yield piece
+
+    def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, *, stop: Sequence[str] = (),
+                   **kw) -> Iterator[tuple[str, Optional[int]]]:
+        """stream() for a prompt of token ids, also yielding each new token: (text, id) per token, where
+        the text may be empty while a partial character or a possible stop string is held back; a held-back
+        tail comes last as (text, None). The token that completes a stop string is the last id yielded."""
         cfg = self._config(max_new_tokens, **kw)
         decoder, stops = IncrementalDecoder(self.tokenizer), StopStrings(stop)
         special = {self.eos_token_id} if self.eos_token_id is not None else set()
-        for nxt in self.iter_ids([self.encode(prompt)], cfg):
+        for nxt in self.iter_ids([list(prompt_ids)], cfg):
             t = int(nxt[0])
             if t in special and not cfg.ignore_eos:
                 break
-            piece = stops.feed(decoder.push(t))
-            if piece:
-                yield piece
+            yield stops.feed(decoder.push(t)), t
             if stops.stopped:
                 return
         tail = stops.feed(decoder.flush()) + stops.flush()
         if tail:
-            yield tail
+            yield tail, None
 
     def generate(self, prompt: Union[str, Sequence[str]], max_new_tokens: int = 64, *, stop: Sequence[str] = (),
                  **kw) -> Union[str, list[str]]:

@@ -141,3 +141,31 @@ def test_prompt_cache_prefills_only_what_the_next_prompt_adds(trained_checkpoint
 def test_prompt_cache_needs_a_shared_buffer(trained_bundle):
     with pytest.raises(ValueError, match="--kv-cache shared"):
         Generator.load(trained_bundle, prompt_cache=True)
+
+
+def test_chat_command_keeps_the_history_as_ids_and_reuses_the_cache(trained_checkpoint, tmp_path):
+    import re
+
+    from click.testing import CliRunner
+
+    from edgegpt.cli import main
+
+    out = tmp_path / "shared"
+    export_bundle(trained_checkpoint, out, ExportOptions(kv_cache="shared"))
+    gen = Generator.load(out)
+    system, lines = "Python reference:\n", ["The with statement\n", "A class definition\n", "The for loop\n"]
+    res = CliRunner().invoke(main, ["chat", str(out), "--system", system, "--max-new-tokens", "6", "--stats"],
+                             input="".join(lines))
+    assert res.exit_code == 0, res.output
+    stats = [tuple(map(int, m)) for m in re.findall(r"\[(\d+) tokens of history, (\d+) reused", res.stderr)]
+    # history before turn k: system + lines + 6 reply tokens per earlier turn; every later turn reuses
+    # all of it but the last reply token (the one never fed back)
+    h = len(gen.encode(system)) + len(gen.encode(lines[0]))
+    assert stats[0] == (h, 0)
+    for k in (1, 2):
+        h_next = h + 6 + len(gen.encode(lines[k]))
+        assert stats[k] == (h_next, h + 6 - 1)
+        h = h_next
+    # the first reply is what the runtime gives for the same ids (greedy)
+    first = "".join(piece for piece, _ in gen.stream_ids(gen.encode(system) + gen.encode(lines[0]), 6))
+    assert res.stdout.startswith(first + "\n")
