@@ -153,7 +153,8 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
             "hugepages": [s.label for s in systems if s.hugepages], "machine": report.machine(),
             "bandwidth": bws[counts[0]] if len(counts) == 1 and bws else None,
             "bandwidth_by_threads": {str(t): bw for t, bw in bws.items()},
-            "bound_tok_s": bounds, "pct_of_bound": pct, "precision": {s.label: s.precision for s in systems}, "bundles": dict(zip(labels, cfg.bundles))}
+            "bound_tok_s": bounds, "pct_of_bound": pct, "precision": {s.label: s.precision for s in systems},
+            "bundles": dict(zip(labels, cfg.bundles))}
     notes = report.notes(results) + report.peer_notes(results, systems) + (
         report.thread_notes(results, bases) if len(counts) > 1 else [])
     return BenchReport(results, report.table(results, sizes, pct), notes, report.to_json(results, meta))
@@ -197,12 +198,16 @@ def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads
     for path in cfg.genai:
         _check_genai_dir(path, cfg.workload.prompt_tokens + cfg.workload.new_tokens)
         systems.append(GenAI(path, threads, label=f"onnxruntime-genai ({Path(path).name})"))
-        systems[-1].precision = precisions.setdefault(path, onnx_precision(path))
+        if path not in precisions:
+            precisions[path] = onnx_precision(path)
+        systems[-1].precision = precisions[path]
     for path in cfg.gguf:
         if not Path(path).is_file():
             raise BenchError(f"GGUF file {path} does not exist; write one with scripts/peers/gguf_from_checkpoint.py")
         systems.append(LlamaCpp(path, threads, n_ctx))
-        systems[-1].precision = precisions.setdefault(path, gguf_precision(path))
+        if path not in precisions:
+            precisions[path] = gguf_precision(path)
+        systems[-1].precision = precisions[path]
     return systems
 
 
