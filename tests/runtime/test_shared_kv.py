@@ -163,7 +163,7 @@ def test_chat_command_keeps_the_history_as_ids_and_reuses_the_cache(trained_chec
     assert stats[0] == (len(gen.encode(system)) + len(gen.encode(lines[0])), 0) and len(stats) == 3
     for k in (1, 2):
         before = stats[k][0] - len(gen.encode(lines[k]))  # the history the last turn left
-        assert before > stats[k - 1][0] and stats[k][1] in (before - 1, before)
+        assert before >= stats[k - 1][0] and stats[k][1] in (before - 1, before)
     # the first reply is what the runtime gives for the same ids (greedy)
     first = "".join(piece for piece, _ in gen.stream_ids(gen.encode(system) + gen.encode(lines[0]), 6))
     assert res.stdout.startswith(first + "\n")
