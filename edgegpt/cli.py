@@ -439,7 +439,9 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
         click.echo(f"bandwidth {bw['gb_per_s']} GB/s: the median of {bw['probes']} probes, one before each run "
                    f"({bw['min']}-{bw['best']}; {bw['method']})")
     if rep.data["bound_tok_s"]:
-        click.echo("decode bound tok/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rep.data["bound_tok_s"].items()))
+        click.echo("decode bound tok/s (weights + KV cache at the mean decode context): " + ", ".join(
+            f"{k} {v:.0f} ({rep.data['bytes_per_token'][k]['weights'] / 1e6:.0f} + "
+            f"{rep.data['bytes_per_token'][k]['kv_cache'] / 1e6:.1f} MB)" for k, v in rep.data["bound_tok_s"].items()))
     for r in rep.results:
         if r.sweep:
             click.echo(f"context sweep, {r.label}: " + ", ".join(f"{c}: {ms:.2f} ms/token" for c, ms in sorted(r.sweep.items())))

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 from edgegpt.bench import report
 from edgegpt.bench.harness import Result, measure
-from edgegpt.bench.roofline import BandwidthProbe, weight_bytes_per_token
+from edgegpt.bench.roofline import BandwidthProbe, kv_bytes_per_token, weight_bytes_per_token
 from edgegpt.bench.systems import (BenchError, EdgeGPT, GenAI, LlamaCpp, Optimum, System, TorchEager, gguf_precision,
                                    onnx_precision)
 from edgegpt.bench.workloads import WORKLOADS, Workload
@@ -130,6 +130,9 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
         for t in counts:
             probes[t] = BandwidthProbe(t, x=next(iter(probes.values())).x if probes else None)
         weights = {b: weight_bytes_per_token(b) for b in cfg.bundles}
+        # a decode step of this workload reads, on average, the cache of the prompt and half the new tokens
+        mean_context = w.prompt_tokens + w.new_tokens / 2
+        cache = {b: kv_bytes_per_token(m, mean_context, w.batch) for b, m in zip(cfg.bundles, manifests)}
 
     def probe(s: System) -> Optional[float]:
         return probes[s.threads]() if isinstance(s, EdgeGPT) and weights.get(s.bundle) else None
@@ -142,18 +145,19 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
         # the median probe, like the median run it is set against: both sample the same minutes
         bws[t] = {"gb_per_s": round(median(got), 2), "best": round(max(got), 2), "min": round(min(got), 2),
                   "probes": len(got), "method": p.method}
-    bounds, pct = {}, {}
+    bounds, pct, per_token = {}, {}, {}
     for s, r in zip(systems, results):
         wb = weights.get(s.bundle) if isinstance(s, EdgeGPT) else None
         if wb and r.runs:
-            bounds[s.label] = bws[s.threads]["gb_per_s"] * 1e9 / wb
+            per_token[s.label] = {"weights": wb, "kv_cache": cache[s.bundle]}
+            bounds[s.label] = bws[s.threads]["gb_per_s"] * 1e9 / (wb + cache[s.bundle])
             pct[s.label] = 100 * r.median("decode_tok_s") / bounds[s.label]
     meta = {"workload": w.__dict__, "threads": counts[0] if len(counts) == 1 else list(counts),
             "provider": cfg.provider, "warmup": cfg.warmup, "runs": cfg.runs, "settle_s": cfg.settle_s,
             "hugepages": [s.label for s in systems if s.hugepages], "machine": report.machine(),
             "bandwidth": bws[counts[0]] if len(counts) == 1 and bws else None,
             "bandwidth_by_threads": {str(t): bw for t, bw in bws.items()},
-            "bound_tok_s": bounds, "pct_of_bound": pct, "precision": {s.label: s.precision for s in systems},
+            "bound_tok_s": bounds, "pct_of_bound": pct, "bytes_per_token": per_token, "precision": {s.label: s.precision for s in systems},
             "bundles": dict(zip(labels, cfg.bundles))}
     notes = report.notes(results) + report.peer_notes(results, systems) + (
         report.thread_notes(results, bases) if len(counts) > 1 else [])

@@ -1,4 +1,5 @@
-"""The memory-bandwidth bound of decoding: tokens/s <= read bandwidth / weight bytes read per token.
+"""The memory-bandwidth bound of decoding: tokens/s <= read bandwidth / bytes read per token (the
+weights once, plus the KV cache at the workload's mean decode context).
 
 Bandwidth is probed with onnxruntime itself (a multi-threaded ReduceSum over a 512 MiB tensor at the
 benchmark's thread count), so the bound reflects what the same thread pool can stream from DRAM. A
@@ -90,3 +91,14 @@ def weight_bytes_per_token(bundle: str | Path) -> Optional[int]:
         n = int(np.prod(t.dims)) if t.dims else 1
         total += n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     return total
+
+
+KV_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
+
+
+def kv_bytes_per_token(manifest: dict, context: float, batch: int = 1) -> int:
+    """Bytes of KV cache one decode step reads at ``context`` tokens: every layer's K and V for every
+    head (the shared buffer's unused slots are not read)."""
+    a = manifest["architecture"]
+    dtype = next(x["dtype"] for x in manifest["io"]["inputs"] if x["name"].startswith("past_key_values."))
+    return int(2 * a["n_layer"] * batch * a["n_head"] * a["head_dim"] * context * KV_ITEMSIZE[dtype])

@@ -102,8 +102,11 @@ def test_bench_command_writes_json_and_plot(bundle, tmp_path):
     assert run["bandwidth_gb_s"] > 0 and data["bandwidth"]["probes"] == 1
     assert data["bandwidth"]["gb_per_s"] == pytest.approx(run["bandwidth_gb_s"], abs=0.01)
     wb = weight_bytes_per_token(bundle)
+    # the bytes a step reads: the weights, plus the cache at the mean decode context (8 + 6/2 tokens)
+    kv = 2 * 2 * 4 * 16 * 11 * 4  # K and V, 2 layers, 4 heads x 16, fp32 (the distil-like shape)
+    assert data["bytes_per_token"]["edgegpt fp32 (b)"] == {"weights": wb, "kv_cache": kv}
     assert data["pct_of_bound"]["edgegpt fp32 (b)"] == pytest.approx(
-        100 * run["decode_tok_s"] * wb / (data["bandwidth"]["gb_per_s"] * 1e9), rel=1e-3)
+        100 * run["decode_tok_s"] * (wb + kv) / (data["bandwidth"]["gb_per_s"] * 1e9), rel=1e-3)
     assert f"| {data['pct_of_bound']['edgegpt fp32 (b)']:.0f}% |" in res.output
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
