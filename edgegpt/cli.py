@@ -42,6 +42,14 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _int_list(value: str, option: str, example: str) -> list[int]:
+    """A comma-separated list of integers from an option, or a usage error naming it."""
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.UsageError(f"{option} takes comma-separated integers, e.g. {example}; got {value!r}") from None
+
+
 def sampling_options(fn):
     """The sampling flags shared by every command that generates."""
     opts = [
@@ -333,7 +341,7 @@ def chat(bundle, system_text, max_new_tokens, temperature, top_k, top_p, repetit
         click.echo()
         if stats:
             speed = (len(new) - 1) / (time.perf_counter() - first) if len(new) > 1 else 0.0
-            click.echo(f"[{len(ids)} tokens of history, {gen.last_reused_tokens if gen.prompt_cache else 0} reused "
+            click.echo(f"[{len(ids)} tokens of history, {gen.last_reused_tokens} reused "
                        f"from the last turn; TTFT {1000 * ((first or t0) - t0):.1f} ms, {speed:.0f} tok/s]", err=True)
         ids += new
 
@@ -398,22 +406,16 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
           checkpoint, gguf, genai_bundles, sweep_context, plot_path, json_path, roofline, hugepages):
     """Time bundles (interleaved) on a workload: TTFT, decode tok/s, RSS, size, load time."""
     from edgegpt.bench import report
-    from edgegpt.bench.bench import BenchConfig, resolve_workload, run_bench
+    from edgegpt.bench.bench import BenchConfig, resolve_workload, run_bench, thread_counts
+    from edgegpt.bench.systems import BenchError
 
-    sweep = []
-    if sweep_context:
-        try:
-            sweep = [int(x) for x in sweep_context.split(",") if x.strip()]
-        except ValueError:
-            raise click.UsageError("--sweep-context takes comma-separated integers, e.g. 128,256,512") from None
+    sweep = _int_list(sweep_context or "", "--sweep-context", "128,256,512")
     if plot_path and not sweep:
         raise click.UsageError("--plot draws the context sweep: add --sweep-context 128,256,...")
     try:
-        counts = tuple(int(x) for x in threads.split(",") if x.strip())
-    except ValueError:
-        raise click.UsageError(f"--threads takes a count or comma-separated counts, e.g. 2 or 1,2; got {threads!r}") from None
-    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
-        raise click.UsageError(f"--threads takes distinct counts >= 1, e.g. 2 or 1,2; got {threads!r}")
+        counts = thread_counts(tuple(_int_list(threads, "--threads", "2 or 1,2")))
+    except BenchError as e:
+        raise click.UsageError(f"--{e}; e.g. 2 or 1,2") from None
     w = resolve_workload(workload, prompt_tokens, new_tokens, batch)
     cfg = BenchConfig(list(bundles), w, counts[0] if len(counts) == 1 else counts, provider, warmup, runs, tuple(baselines), checkpoint, sweep, roofline,
                       tuple(gguf), settle, tuple(genai_bundles), hugepages)

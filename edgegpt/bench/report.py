@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from edgegpt.bench.harness import Result
+from edgegpt.runtime.generator import common_prefix
 
 WIDE_SPREAD = 0.10  # (max - min) / median above this: the machine was noisy during the runs
 
@@ -62,8 +63,7 @@ def same_prefix(tokens: list[int], ref: list[int]) -> str:
     """How many leading tokens match the first system's, as "k/n" ("-" where a system gave none)."""
     if not tokens or not ref:
         return "-"
-    k = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), min(len(tokens), len(ref)))
-    return f"{k}/{len(tokens)}"
+    return f"{common_prefix(tokens, ref)}/{len(tokens)}"
 
 
 def notes(results: list[Result]) -> list[str]:

@@ -93,12 +93,9 @@ def weight_bytes_per_token(bundle: str | Path) -> Optional[int]:
     return total
 
 
-KV_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
-
-
 def kv_bytes_per_token(manifest: dict, context: float, batch: int = 1) -> int:
     """Bytes of KV cache one decode step reads at ``context`` tokens: every layer's K and V for every
     head (the shared buffer's unused slots are not read)."""
     a = manifest["architecture"]
     dtype = next(x["dtype"] for x in manifest["io"]["inputs"] if x["name"].startswith("past_key_values."))
-    return int(2 * a["n_layer"] * batch * a["n_head"] * a["head_dim"] * context * KV_ITEMSIZE[dtype])
+    return int(2 * a["n_layer"] * batch * a["n_head"] * a["head_dim"] * context * np.dtype(dtype).itemsize)

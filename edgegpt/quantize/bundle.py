@@ -179,13 +179,9 @@ def _check_int8_cache(src: Path, tmp: Path, weights_only: Path, manifest: dict, 
 
     from edgegpt.export.graph import infer_shapes, op_counts
 
-    for name in SIDE_FILES:
-        if (tmp / name).is_file():
-            shutil.copy2(tmp / name, weights_only / name)
-    infer_shapes(weights_only / "model.onnx")
-    fp32_graph = dict(new["graph"], op_counts=op_counts(onnx.load(str(weights_only / "model.onnx"))))
+    # a session needs only the graph and a manifest (its graph section is only read for the options)
     fp32_io = _io_for(manifest, "float32")
-    write_manifest(weights_only, {**new, "io": fp32_io, "graph": fp32_graph})
+    write_manifest(weights_only, {**new, "io": fp32_io})
     dp, fp32_dp = decode_paths([tmp, weights_only], src, text)
     added = dp["kl_mean"] - fp32_dp["kl_mean"]
     allowance = KV_AUTO_RELATIVE * fp32_dp["kl_mean"] + KV_AUTO_ABSOLUTE
@@ -197,6 +193,8 @@ def _check_int8_cache(src: Path, tmp: Path, weights_only: Path, manifest: dict, 
         log.warning("the int8 KV cache adds %.2e KL along the decode path, over auto's allowance of %.2e: "
                     "keeping the fp32 cache (--kv-cache int8 forces it)", added, allowance)
         shutil.copy2(weights_only / "model.onnx", tmp / "model.onnx")
+        infer_shapes(tmp / "model.onnx")
+        fp32_graph = dict(new["graph"], op_counts=op_counts(onnx.load(str(tmp / "model.onnx"))))
         new["recipe"]["kv_cache"] = {"dtype": "float32", "chosen_by": "auto", "rejected_int8": {**kv, "decode_path": dp}}
         new.update(io=fp32_io, graph=fp32_graph)
         write_manifest(tmp, new)

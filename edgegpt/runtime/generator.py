@@ -63,8 +63,9 @@ class Generator:
             raise ValueError(f"prompt_cache needs a bundle with a shared KV buffer; {session.bundle} keeps a "
                              f"growing one: re-export with `edgegpt export MODEL --kv-cache shared`")
         self.prompt_cache = prompt_cache
-        self._cache = None  # the kept KVCache, and the tokens whose K/V it holds (positions 0..n-1)
+        self._cache = None  # the kept KVCache; its positions 0..n-1 hold the K/V of _cached[:_cached_n]
         self._cached: list[int] = []
+        self._cached_n = 0
         self.last_reused_tokens = 0
 
     @classmethod
@@ -79,7 +80,7 @@ class Generator:
 
     def clear_prompt_cache(self) -> None:
         """Forget the kept KV cache (the next generation prefills its whole prompt)."""
-        self._cached = []
+        self._cached_n = 0
 
     # -- token-level core -------------------------------------------------------------------
 
@@ -141,18 +142,19 @@ class Generator:
         step_ids, step_pos, length = ids, pos, ids.shape[1]
         reuse = self.prompt_cache and B == 1
         if reuse:  # continue the kept cache from the prefix it shares with this prompt (at least one token new)
-            keep = min(common_prefix(self._cached, prompts[0]), len(prompts[0]) - 1)
+            keep = min(common_prefix(self._cached[:self._cached_n], prompts[0]), len(prompts[0]) - 1)
             if self._cache is None:
                 self._cache = self.session.start(1, slots=self.max_context)
-            cache, self._cached = self._cache, []  # unknown contents until the step succeeds
+            # the tokens fed grow in place; only a successful step extends how many the cache holds
+            cache, self._cached, self._cached_n = self._cache, list(prompts[0]), 0
             step_ids, step_pos = ids[:, keep:], pos[:, keep:]
-            self.last_reused_tokens, fed = keep, list(prompts[0])
+            self.last_reused_tokens = keep
         else:
             cache = self.session.start(B, slots=total)
         for _ in range(cfg.max_new_tokens):
             logits = cache.step(step_ids, np.ascontiguousarray(full_mask[:, :length]), step_pos)
             if reuse:
-                self._cached = fed[:length]
+                self._cached_n = length
             nxt = select_next(logits, params, rng, seen)
             nxt[done] = self.pad_token_id
             if seen is not None:
@@ -166,7 +168,7 @@ class Generator:
             next_pos = next_pos + 1
             length += 1
             if reuse:
-                fed.append(int(nxt[0]))
+                self._cached.append(int(nxt[0]))
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, **kw) -> list[list[int]]:
         """New ids per prompt; a row ends at (and includes) its first stop/eos token."""
