@@ -10,6 +10,11 @@ runtimes (ORTModelForCausalLM, onnxruntime-genai's generic decoder) consume our 
     past_key_values.{i}.key/value  kv     [batch, n_head, past, head_dim]   (past may be 0)
  -> logits                         float  [batch, seq | 1, vocab]           (1 with last_logits_only)
     present.{i}.key/value          kv     [batch, n_head, past + seq, head_dim]
+
+A bundle quantized with ``--lm-head screened`` also has one overridable initializer (a graph input
+with a default, listed by onnxruntime among get_overridable_initializers(), not get_inputs()):
+
+    logits_screen_margin           float  []   (default 0: exact greedy; see quantize/screen.py)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ PAST_KEY = "past_key_values.{}.key"
 PAST_VALUE = "past_key_values.{}.value"
 PRESENT_KEY = "present.{}.key"
 PRESENT_VALUE = "present.{}.value"
+SCREEN_MARGIN = "logits_screen_margin"
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
 SLOTS = "kv_slots"  # shared-buffer layout: the buffer's length, chosen by the runtime (<= kv_capacity)

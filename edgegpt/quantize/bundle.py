@@ -88,6 +88,8 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
     if manifest["precision"] != "fp32":
         raise QuantizeError(f"{src} is already {manifest['precision']}; quantizing it again to {mode} compounds the "
                             f"error. Quantize the fp32 bundle it came from instead")
+    if manifest.get("recipe", {}).get("lm_head") == "screened":
+        raise QuantizeError(f"{src} has a screened LM head; quantize the fp32 bundle it came from instead")
     if any(x["dtype"] != "float32" for x in manifest["io"]["inputs"] if x["name"].startswith("past_key_values.")):
         raise QuantizeError(f"{src} already keeps a quantized KV cache; quantize the fp32 bundle it came from instead")
     if manifest["graph"].get("external_data"):
@@ -103,8 +105,9 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
     kv_int8 = kv_cache == "int8" or (kv_auto and shared and mode in ("int8", "int4"))
     if kv_int8 and mode not in ("fp32", "int8", "int4"):
         raise QuantizeError(f"--kv-cache int8 goes with --mode fp32, int8 or int4, not {mode}")
-    if mode == "fp32" and not kv_int8:
-        raise QuantizeError("--mode fp32 keeps the weights as they are; it is only useful with --kv-cache int8")
+    if mode == "fp32" and not kv_int8 and getattr(recipe, "lm_head", "fp32") != "screened":
+        raise QuantizeError("--mode fp32 keeps the weights as they are; it is only useful with --kv-cache int8 "
+                            "or --lm-head screened")
     if kv_int8 and not manifest["graph"]["options"].get("shared_kv_buffer"):
         raise QuantizeError(f"{src} has a concat KV cache; an int8 cache needs the shared buffer: "
                             f"re-export with --kv-cache shared")

@@ -11,7 +11,8 @@ Every recipe reads the fp32 bundle's graph and writes a new graph with onnxrunti
     fp16         float16 weights, compute and KV cache for GPU / mobile targets; LayerNormalization,
                  Softmax and the logits stay float32 (fp16 overflow: onnxruntime#6328, #11384).
     int8-static  QDQ static quantization calibrated on the user's text, for NNAPI / QNN / XNNPACK.
-    fp32         the weights as they are, for --kv-cache int8 alone.
+    fp32         the weights as they are, for --kv-cache int8, or with --lm-head screened (an 8-bit head
+                 that recomputes the possible greedy picks in fp32: quantize/screen.py).
 """
 
 from __future__ import annotations
@@ -195,15 +196,27 @@ def _gptq(model: onnx.ModelProto, head: Optional[str], bundle: Path, recipe: "In
 @register
 @dataclass
 class Fp32(Recipe):
-    """fp32 weights unchanged: only useful with ``--kv-cache int8``, which then stores the cache of an
-    fp32 model in int8 (llama.cpp's f32 models keep an f16 cache for the same reason)."""
+    """fp32 weights, for two things: ``--kv-cache int8``, which then stores the cache of an fp32 model
+    in int8 (llama.cpp's f32 models keep an f16 cache for the same reason); and ``--lm-head
+    screened``, which reads an 8-bit copy of the tied head and recomputes in fp32 every token that
+    could be the greedy pick (quantize/screen.py): the fp32 bundle's greedy tokens, ~25% fewer bytes
+    a decode step."""
 
     name: ClassVar[str] = "fp32"
     budget_pct: ClassVar[float] = 1.0
+    lm_head: str = "fp32"  # fp32 | screened
 
     def apply(self, src, dst, *, calibration=None):
-        shutil.copyfile(src, dst)
-        return self.describe()
+        _check_choice("lm_head", self.lm_head, ("fp32", "screened"))
+        if self.lm_head == "fp32":
+            shutil.copyfile(src, dst)
+            return self.describe()
+        from edgegpt.quantize.screen import screen_lm_head
+
+        model = onnx.load(str(src))
+        info = screen_lm_head(model)
+        onnx.save_model(model, str(dst))
+        return {**self.describe(), **info}
 
 
 @register

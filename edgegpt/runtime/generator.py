@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from edgegpt.runtime.sampling import SamplingParams, select_next
+from edgegpt.runtime.sampling import SamplingParams, screen_margin, select_next
 from edgegpt.runtime.session import ModelSession
 from edgegpt.runtime.text import IncrementalDecoder, StopStrings, load_bundle_tokenizer
 
@@ -151,6 +151,7 @@ class Generator:
             self.last_reused_tokens = keep
         else:
             cache = self.session.start(B, slots=total)
+        cache.set_screen_margin(screen_margin(params))
         for _ in range(cfg.max_new_tokens):
             logits = cache.step(step_ids, np.ascontiguousarray(full_mask[:, :length]), step_pos)
             if reuse:

@@ -40,6 +40,21 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+# A screened LM head (quantize/screen.py) recomputes in fp32 every token within this margin of the
+# best possible logit; sampling sets it to this many times the temperature, so a token left at its
+# int8 approximation has at most e^-25 of the top token's probability (together < 1e-6 for 50k tokens)
+SCREEN_MARGIN_PER_TEMPERATURE = 25.0
+
+
+def screen_margin(params: SamplingParams) -> float:
+    """The screened head's margin that keeps a generation with ``params`` exact: 0 for greedy
+    decoding, 25 x the temperature for sampling, and the largest float (the plain fp32 head) under
+    a repetition penalty, which can lift any token to the top."""
+    if params.repetition_penalty != 1.0:
+        return float(np.finfo(np.float32).max)
+    return SCREEN_MARGIN_PER_TEMPERATURE * params.temperature
+
+
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> None:
     """CTRL-style penalty, in place: logits of already-seen tokens are divided (if > 0) or
     multiplied (if < 0) by ``penalty``. logits (B, V) float32; seen (B, V) bool."""

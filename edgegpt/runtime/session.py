@@ -92,6 +92,8 @@ class ModelSession:
             raise BundleError(f"{self.bundle}: onnxruntime cannot load {path.name} "
                               f"({str(e).splitlines()[0][:200]}); re-run `edgegpt export`") from None
         self._check_graph(io)
+        # a screened LM head (quantize/screen.py) takes a margin the runtime sets per generation
+        self.screened = any(x.name == contract.SCREEN_MARGIN for x in self.session.get_overridable_initializers())
         self._past_names = contract.past_names(self.n_layer)
         self._present_names = contract.present_names(self.n_layer)
         self._output_names = contract.output_names(self.n_layer)
@@ -161,6 +163,15 @@ class KVCache:
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
         self._outputs_for = None  # which logits binding the outputs were last bound for
         self._past_bound = False  # shared layout: the past buffers stay bound after the first step
+        # a screened head's margin: bound with the past, changed in place (the OrtValue wraps this array)
+        self._margin = np.zeros((), np.float32) if session.screened else None
+        self._margin_value = ort.OrtValue.ortvalue_from_numpy(self._margin) if session.screened else None
+
+    def set_screen_margin(self, margin: float) -> None:
+        """A screened head recomputes in fp32 every token within ``margin`` of the best possible
+        logit (runtime.sampling.screen_margin picks it); no-op for other bundles."""
+        if self._margin is not None:
+            self._margin[()] = margin
 
     def _bind_outputs(self, one_row: bool) -> None:
         s, b = self.s, self.binding
@@ -185,6 +196,8 @@ class KVCache:
             b.clear_binding_inputs()
             for name, value in zip(s._past_names, self.past):
                 b.bind_ortvalue_input(name, value)
+            if self._margin_value is not None:
+                b.bind_ortvalue_input(contract.SCREEN_MARGIN, self._margin_value)
             self._past_bound = bool(s.kv_capacity)
         # rebinding a bound input name replaces its value (outputs are another matter: _bind_outputs)
         b.bind_cpu_input(contract.INPUT_IDS, input_ids)

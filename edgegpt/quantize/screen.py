@@ -1,0 +1,175 @@
+"""A screened LM head: the fp32 bundle's logits where they decide the token, read at int8 cost.
+
+GPT-2's tied LM head is 31% of the bytes an fp32 decode step reads (154 of 496 MB for GPT-2 small),
+and an fp32 decode step is bandwidth-bound. The screened head reads an 8-bit copy of it instead and
+recomputes in fp32 only the tokens that can still win:
+
+    approx  = MatMulNBits(h, 8-bit head)                        (R, V)  38.6 MB read instead of 154
+    bound   = a worst-case |fp32 logit - approx| for row h, any token (below)
+    keep    = approx >= max(approx) - 2 * bound - margin        (a superset of the possible argmaxes)
+    logits  = approx, with keep's tokens replaced by fp32 dot products with the fp32 embedding rows
+              (NonZero, Gather, Gemm, GatherElements, ScatterND); when more than 1/16 of the
+              vocabulary is kept, the plain fp32 Gemm instead (an If node)
+
+With margin 0, every token whose fp32 logit could be the largest is recomputed in fp32, so greedy
+decoding picks exactly the fp32 bundle's token. The margin is an overridable initializer
+(contract.SCREEN_MARGIN): the runtime widens it for sampling and sets it to infinity under a
+repetition penalty (runtime.sampling.screen_margin), so those stay exact too. A runtime that never
+feeds it (onnxruntime-genai) gets margin 0: exact greedy, the other logits within the bound.
+
+The bound, from the head's weight error E = W - dequant(Q) (known exactly when the head is written)
+and the int8 rounding of the activations in MatMulNBits' accuracy_level 4 kernel (per block,
+round to nearest, scale max|h_block| / 127):
+
+    bound = |h|_2 * max_j |E_j|_2                            (the weights' error: Cauchy-Schwarz)
+          + max_i |h_i| * (1/127 + 1e-4) * max_j |dequant(Q_j)|_1
+                                      (the activations': twice the half step, plus float rounding)
+
+One bound per row, with the largest per-token constants, costs two fewer passes over the vocabulary
+than a bound per token and recomputes 2-3x the tokens: 2 -> 7 on a trained 4x256 model, 170 -> 340
+on GPT-2 small's shape with random weights (medians), and the recompute is the cheaper part.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgegpt.contract import SCREEN_MARGIN
+from edgegpt.errors import QuantizeError
+
+# the share of the vocabulary (per row) above which the head falls back to the fp32 Gemm: a kept token
+# costs about three times its share of the Gemm's reads (gather, write, read)
+FALLBACK_SHARE = 1 / 16
+HEAD_BLOCK = 128
+ACT_ROUNDING = 1 / 127 + 1e-4
+_P = "/model/lm_head/screen/"
+
+
+def _head_gemm(model: onnx.ModelProto, inits: dict) -> onnx.NodeProto:
+    for node in model.graph.node:
+        if (node.op_type == "Gemm" and node.input[1] in inits and node.input[1].endswith("transformer.wte.weight")
+                and any(a.name == "transB" and a.i for a in node.attribute)):
+            return node
+    raise QuantizeError("found no tied LM head (Gemm with the token embedding, transB=1) to screen; "
+                        "re-export the bundle with this edgegpt")
+
+
+def quantize_head(wte: np.ndarray, block_size: int = HEAD_BLOCK) -> tuple[dict, dict, np.ndarray]:
+    """8-bit symmetric MatMulNBits weights for h @ wte.T, written by onnxruntime's quantizer.
+    Returns the node's attributes, its weight initializers and the dequantized head (V, C)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    vocab, width = wte.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w"], ["y"], name="head")], "head",
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [None, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, vocab])],
+        [numpy_helper.from_array(np.ascontiguousarray(wte.T), "w")])
+    q = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
+                             bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4)
+    q.process()
+    node = next(n for n in q.model.model.graph.node if n.op_type == "MatMulNBits")
+    weights = {t.name: numpy_helper.to_array(t) for t in q.model.model.graph.initializer}
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("bits") != 8 or attrs.get("K") != width or attrs.get("N") != vocab:
+        raise QuantizeError(f"onnxruntime's quantizer wrote an unexpected head ({attrs}); the screen needs 8-bit weights")
+    block = attrs["block_size"]
+    blocks = -(-width // block)
+    packed = weights[node.input[1]].reshape(vocab, blocks * block).astype(np.float32)
+    zero = weights[node.input[3]].reshape(vocab, blocks, 1).astype(np.float32) \
+        if len(node.input) > 3 and node.input[3] else np.float32(128.0)
+    scales = weights[node.input[2]].reshape(vocab, blocks, 1).astype(np.float32)
+    deq = ((packed.reshape(vocab, blocks, block) - zero) * scales).reshape(vocab, blocks * block)[:, :width]
+    ordered = {"B": weights[node.input[1]], "scales": weights[node.input[2]]}
+    if len(node.input) > 3 and node.input[3]:
+        ordered["zero_points"] = weights[node.input[3]]
+    return attrs, ordered, deq
+
+
+def head_bounds(wte: np.ndarray, deq: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-token constants of the bound (float64 sums, rounded up to float32): the weight error's
+    L2 norm, and |dequant(Q_j)|_1 times the activations' rounding."""
+    err = wte.astype(np.float64) - deq.astype(np.float64)
+    up = lambda x: np.nextafter(x.astype(np.float32), np.float32(np.inf))  # noqa: E731
+    return {"err_l2": up(np.sqrt((err * err).sum(1))),
+            "act": up(np.abs(deq.astype(np.float64)).sum(1) * ACT_ROUNDING)}
+
+
+def screen_lm_head(model: onnx.ModelProto, *, block_size: int = HEAD_BLOCK) -> dict:
+    """Replace the tied fp32 head of ``model`` (in place) with the screened head. Returns the
+    recipe's description of it."""
+    inits = {t.name: t for t in model.graph.initializer}
+    gemm = _head_gemm(model, inits)
+    h, wte_name, logits2d = gemm.input[0], gemm.input[1], gemm.output[0]
+    wte = numpy_helper.to_array(inits[wte_name])
+    vocab = wte.shape[0]
+    attrs, qweights, deq = quantize_head(wte, block_size)
+    bounds = head_bounds(wte, deq)
+
+    consts = {"err_l2_x2": np.array(2 * bounds["err_l2"].max(), np.float32),
+              "act_x2": np.array(2 * bounds["act"].max(), np.float32),
+              "i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "ax0": np.array([0], np.int64),
+              "limit": np.array([max(1, int(vocab * FALLBACK_SHARE))], np.int64)}
+    new_inits = [numpy_helper.from_array(v, _P + k) for k, v in {**qweights, **consts}.items()]
+    new_inits.append(numpy_helper.from_array(np.array(0.0, np.float32), SCREEN_MARGIN))
+
+    nodes = []
+
+    def op(kind: str, inputs: list[str], out: str, **kw) -> str:
+        nodes.append(helper.make_node(kind, inputs, [_P + out], name=_P + out, **kw))
+        return _P + out
+
+    approx = _P + "approx"
+    nodes.append(helper.make_node("MatMulNBits", [h, _P + "B", _P + "scales"]
+                                  + ([_P + "zero_points"] if "zero_points" in qweights else []),
+                                  [approx], name=_P + "MatMulNBits", domain="com.microsoft", **attrs))
+    l2 = op("ReduceL2", [h], "h_l2", axes=[1])
+    linf = op("ReduceMax", [op("Abs", [h], "h_abs")], "h_max", axes=[1])
+    # (R, 1): twice the bound (a token's upper end against the best lower end) plus the margin
+    width = op("Add", [op("Add", [op("Mul", [l2, _P + "err_l2_x2"], "w_weights"),
+                                  op("Mul", [linf, _P + "act_x2"], "w_act")], "width2"), SCREEN_MARGIN], "width")
+    threshold = op("Sub", [op("ReduceMax", [approx], "best", axes=[1]), width], "threshold")
+    pairs = op("NonZero", [op("GreaterOrEqual", [approx, threshold], "keep")], "pairs")  # (2, n): row, token
+    limit = op("Mul", [op("Shape", [h], "rows_count", start=0, end=1), _P + "limit"], "limit_rows")
+    many = op("Greater", [op("Shape", [pairs], "kept", start=1, end=2), limit], "many")
+
+    # then: too many tokens to recompute one by one: the fp32 head as it was
+    full = helper.make_graph([helper.make_node("Gemm", [h, wte_name], [_P + "full"], name=_P + "full", transB=1)],
+                             "screen_full", [], [helper.make_tensor_value_info(_P + "full", TensorProto.FLOAT, None)])
+    # else: recompute the kept (row, token) pairs in fp32 and write them over the approximation
+    sub = []
+
+    def sop(kind: str, inputs: list[str], out: str, **kw) -> str:
+        sub.append(helper.make_node(kind, inputs, [_P + out], name=_P + out, **kw))
+        return _P + out
+
+    rows = sop("Unsqueeze", [sop("Gather", [pairs, _P + "i0"], "rows", axis=0), _P + "ax0"], "rows_1n")
+    w_rows = sop("Gather", [wte_name, sop("Gather", [pairs, _P + "i1"], "tokens", axis=0)], "w_rows", axis=0)
+    # (R, n) fp32 dot products of every row with every kept token, then each pair's own row: for the one
+    # row of a decode step that is one pass over the kept embedding rows
+    dots = sop("Gemm", [h, w_rows], "dots", transB=1)
+    exact = sop("Squeeze", [sop("GatherElements", [dots, rows], "exact_1n", axis=0), _P + "ax0"], "exact")
+    index = sop("Transpose", [pairs], "index", perm=[1, 0])
+    sub.append(helper.make_node("ScatterND", [approx, index, exact], [_P + "screened"], name=_P + "ScatterND"))
+    screened = helper.make_graph(sub, "screen_exact", [],
+                                 [helper.make_tensor_value_info(_P + "screened", TensorProto.FLOAT, None)])
+    nodes.append(helper.make_node("If", [many], [logits2d], name=_P + "If", then_branch=full, else_branch=screened))
+
+    at = list(model.graph.node).index(gemm)
+    model.graph.node.remove(gemm)
+    for k, node in enumerate(nodes):
+        model.graph.node.insert(at + k, node)
+    model.graph.initializer.extend(new_inits)
+    # an initializer that is also a graph input can be fed at run time; onnxruntime lists it among
+    # get_overridable_initializers(), not get_inputs(), so the bundle's input contract is unchanged
+    model.graph.input.append(helper.make_tensor_value_info(SCREEN_MARGIN, TensorProto.FLOAT, []))
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return {"lm_head": "screened", "screen": {
+        "approx": "8-bit MatMulNBits", "block_size": int(attrs["block_size"]), "accuracy_level": 4,
+        "margin_input": SCREEN_MARGIN, "fallback_share": FALLBACK_SHARE,
+        "approx_bytes": int(sum(v.nbytes for v in qweights.values())),
+        # the bound's constants: |h|_2 and max|h| times these (see the module's docstring)
+        "bound": {"h_l2_times": float(bounds["err_l2"].max()), "h_max_times": float(bounds["act"].max())}}}

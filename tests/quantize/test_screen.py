@@ -1,0 +1,170 @@
+"""The screened LM head (`quantize --mode fp32 --lm-head screened`): an 8-bit head that recomputes in
+fp32 every token that could be picked, so generation gives the fp32 bundle's tokens."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from edgegpt import contract
+from edgegpt.cli import main
+from edgegpt.errors import QuantizeError
+from edgegpt.manifest import file_table, read_manifest
+from edgegpt.quantize.bundle import quantize_bundle
+from edgegpt.quantize.screen import head_bounds, quantize_head, screen_lm_head
+from edgegpt.runtime import Generator
+from edgegpt.runtime.sampling import SamplingParams, screen_margin
+from edgegpt.runtime.session import ModelSession
+
+PROMPTS = ("The with statement", "A class definition defines", "def f(x):\n    return")
+
+
+@pytest.fixture(scope="module")
+def screened(trained_bundle, tmp_path_factory):
+    before = file_table(trained_bundle)
+    out = tmp_path_factory.mktemp("screen") / "fp32-screened"
+    m = quantize_bundle(trained_bundle, out, "fp32", options={"lm_head": "screened"}, eval_tokens=1500)
+    assert file_table(trained_bundle) == before
+    return out, m
+
+
+def _steps(bundle, ids, n, margin=None):
+    """Greedy-feed the same ids through a bundle; the logits of every step."""
+    s = ModelSession(bundle, threads=1)
+    cache = s.start(1, slots=len(ids) + n)
+    if margin is not None:
+        cache.set_screen_margin(margin)
+    logits = [cache.step(np.asarray([ids]), np.ones((1, len(ids)), np.int64), np.arange(len(ids))[None]).copy()[0]]
+    for t in range(len(ids), len(ids) + n - 1):
+        tok = int(logits[-1].argmax())
+        logits.append(cache.step(np.asarray([[tok]]), np.ones((1, t + 1), np.int64), np.asarray([[t]])).copy()[0])
+    return np.stack(logits)
+
+
+def test_screened_bundle_records_what_it_is(screened):
+    out, m = screened
+    assert m["precision"] == "fp32" and m["recipe"]["lm_head"] == "screened"
+    assert m["recipe"]["screen"]["margin_input"] == contract.SCREEN_MARGIN
+    ops = m["graph"]["op_counts"]
+    assert ops["com.microsoft.MatMulNBits"] == 1 and ops["If"] == 1 and "Gemm" not in ops  # the Gemm is in the If
+    q = m["quality"]
+    assert q["greedy_agreement"] == 1.0 and q["top1_agreement"] == 1.0
+    assert 0 <= q["kl_mean"] < 1e-3 and abs(q["ppl_increase_pct"]) < 0.1
+    # the graph's inputs are still the contract's: the margin is an overridable initializer
+    s = ModelSession(out)
+    assert s.screened and contract.SCREEN_MARGIN not in {x.name for x in s.session.get_inputs()}
+
+
+def test_greedy_steps_keep_the_fp32_argmax_and_top_logits(screened, trained_bundle):
+    out, m = screened
+    ids = Generator.load(trained_bundle).encode(PROMPTS[0])
+    ref, got = _steps(trained_bundle, ids, 48), _steps(out, ids, 48)
+    assert (ref.argmax(1) == got.argmax(1)).all()
+    diff = np.abs(ref - got)
+    # the screen is live: the tail is the 8-bit approximation, not the fp32 head run anyway
+    assert (diff > 1e-4).sum(1).min() > 0
+    # every token within the proven bound of the top is exact
+    for r, d in zip(ref, diff):
+        assert d[r >= r.max() - 0.05].max() < 1e-4
+    assert diff.max() < 0.5
+
+
+def test_margin_widens_the_exact_set_up_to_the_whole_head(screened, trained_bundle):
+    out, _ = screened
+    ids = Generator.load(trained_bundle).encode(PROMPTS[1])
+    ref = _steps(trained_bundle, ids, 8)
+    wide = _steps(out, ids, 8, margin=3.0)
+    for r, w in zip(ref, wide):
+        assert np.abs(r - w)[r >= r.max() - 3.0].max() < 1e-4
+    full = _steps(out, ids, 8, margin=screen_margin(SamplingParams(repetition_penalty=1.2)))
+    np.testing.assert_allclose(full, ref, atol=1e-4)  # the If's fp32 branch
+
+
+@pytest.mark.parametrize("kw", [{}, dict(temperature=0.8, seed=3), dict(temperature=1.0, top_p=0.9, seed=4),
+                                dict(repetition_penalty=1.3), dict(temperature=0.7, top_k=20, repetition_penalty=1.2, seed=5)])
+def test_generation_matches_the_fp32_bundle(screened, trained_bundle, kw):
+    a, b = Generator.load(trained_bundle), Generator.load(screened[0])
+    for p in PROMPTS:
+        assert b.generate(p, 32, ignore_eos=True, **kw) == a.generate(p, 32, ignore_eos=True, **kw)
+
+
+def test_runtime_margins():
+    assert screen_margin(SamplingParams()) == 0.0
+    assert screen_margin(SamplingParams(temperature=0.5)) == 12.5
+    assert screen_margin(SamplingParams(temperature=0.5, repetition_penalty=0.9)) == np.finfo(np.float32).max
+
+
+def _head_model(wte: np.ndarray) -> onnx.ModelProto:
+    vocab, width = wte.shape
+    g = helper.make_graph([helper.make_node("Gemm", ["h", "transformer.wte.weight"], ["logits"], transB=1)], "head",
+                          [helper.make_tensor_value_info("h", TensorProto.FLOAT, [None, width])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, vocab])],
+                          [numpy_helper.from_array(wte, "transformer.wte.weight")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_the_bound_holds_on_rows_with_outliers():
+    """The worst-case bound against onnxruntime's own 8-bit kernel, on rows built to stress it:
+    heavy-tailed weights, outlier activations, a few large channels."""
+    rng = np.random.default_rng(0)
+    vocab, width = 2000, 256
+    wte = (rng.standard_t(3, (vocab, width)) * 0.02).astype(np.float32)
+    wte[:, :3] *= 20
+    h = rng.standard_normal((64, width)).astype(np.float32)
+    h[::4, 7] = 60.0
+    h[1::4] *= 10
+    h[2::4, :128] = 0.01
+    model = _head_model(wte)
+    info = screen_lm_head(model)
+    model.graph.output.append(helper.make_tensor_value_info("/model/lm_head/screen/approx", TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    logits, approx = s.run(None, {"h": h})
+    exact = h.astype(np.float64) @ wte.T.astype(np.float64)
+    b = info["screen"]["bound"]
+    bound = np.linalg.norm(h, axis=1, keepdims=True) * b["h_l2_times"] + np.abs(h).max(1, keepdims=True) * b["h_max_times"]
+    err = np.abs(approx - exact)
+    assert (err <= bound).all() and err.max() > 0
+    assert (logits.argmax(1) == exact.argmax(1)).all()
+    # the recomputed tokens are the fp32 head's
+    top = exact >= exact.max(1, keepdims=True) - 1e-3
+    np.testing.assert_allclose(logits[top], exact[top], rtol=1e-5, atol=1e-4)
+
+
+def test_quantize_head_reads_back_what_onnxruntime_wrote():
+    rng = np.random.default_rng(1)
+    wte = (rng.standard_normal((300, 128)) * 0.05).astype(np.float32)
+    attrs, weights, deq = quantize_head(wte)
+    assert attrs["bits"] == 8 and deq.shape == wte.shape
+    # onnxruntime's symmetric 8-bit blocks: scale max|w| / 128, the largest magnitude at -128, so the
+    # other sign clips at 127 (one step); the rest rounds to nearest (a quarter step on average)
+    step = np.abs(wte).max(1, keepdims=True) / 128
+    err = np.abs(wte - deq) / step
+    assert err.max() <= 1 + 1e-5 and 0.2 < err.mean() < 0.3
+    bounds = head_bounds(wte, deq)
+    assert (bounds["err_l2"] > 0).all() and bounds["act"].shape == (300,)
+
+
+def test_bad_requests_fail_clearly(screened, trained_bundle, tmp_path):
+    out, _ = screened
+    with pytest.raises(QuantizeError, match="screened LM head"):
+        quantize_bundle(out, tmp_path / "again", "int8")
+    with pytest.raises(QuantizeError, match="lm_head must be one of fp32, int8"):
+        quantize_bundle(trained_bundle, tmp_path / "x", "int8", options={"lm_head": "screened"})
+    r = CliRunner().invoke(main, ["quantize", str(trained_bundle), "--out", str(tmp_path / "y"), "--mode", "fp32",
+                                  "--kv-cache", "fp32"])
+    assert r.exit_code != 0 and "--lm-head screened" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_writes_a_screened_bundle(trained_bundle, tmp_path):
+    r = CliRunner().invoke(main, ["quantize", str(trained_bundle), "--out", str(tmp_path / "s"), "--mode", "fp32",
+                                  "--lm-head", "screened", "--last-logits-only"])
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "s")
+    assert m["recipe"]["lm_head"] == "screened" and m["graph"]["options"]["last_logits_only"]
+    a, b = Generator.load(trained_bundle), Generator.load(tmp_path / "s")
+    assert b.generate(PROMPTS[2], 24, ignore_eos=True) == a.generate(PROMPTS[2], 24, ignore_eos=True)
