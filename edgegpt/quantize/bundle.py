@@ -20,7 +20,7 @@ from edgegpt import __version__
 from edgegpt.atomic import atomic_dir, check_output_dir
 from edgegpt.errors import QuantizeError
 from edgegpt.manifest import file_table, read_manifest, write_manifest
-from edgegpt.quantize.evaluate import calibration_text, decode_paths, default_eval_text, evaluate
+from edgegpt.quantize.evaluate import calibration_text, decode_path, decode_paths, default_eval_text, evaluate
 from edgegpt.quantize.recipes import RECIPES
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,8 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
         }
         if kv_int8:  # strided perplexity prefills an empty cache and never reads the int8 one back
             _check_int8_cache(src, tmp, weights_only, manifest, new, text, kv_auto)
+        elif info.get("lm_head") == "screened":  # perplexity's many rows run the fp32 head; decode steps screen
+            new["quality"]["decode_path"] = decode_path(tmp, src, text)
         new["files"] = file_table(tmp)
         new["size_bytes"] = sum(f["bytes"] for f in new["files"].values())
         new["source_size_bytes"] = manifest.get("size_bytes")

@@ -8,14 +8,18 @@ recomputes in fp32 only the tokens that can still win:
     bound   = a worst-case |fp32 logit - approx| for row h, any token (below)
     keep    = approx >= max(approx) - 2 * bound - margin        (a superset of the possible argmaxes)
     logits  = approx, with keep's tokens replaced by fp32 dot products with the fp32 embedding rows
-              (NonZero, Gather, Gemm, GatherElements, ScatterND); when more than 1/16 of the
-              vocabulary is kept, the plain fp32 Gemm instead (an If node)
+              (NonZero, Gather, Gemm, GatherElements, ScatterND)
+
+and runs the plain fp32 Gemm instead (If nodes) when the margin is wide (over 10: sampling at a
+temperature over 0.4, a repetition penalty), when the graph has more than 8 rows (a prompt's every
+position) or when more than 1/16 of the vocabulary is kept.
 
 With margin 0, every token whose fp32 logit could be the largest is recomputed in fp32, so greedy
 decoding picks exactly the fp32 bundle's token. The margin is an overridable initializer
 (contract.SCREEN_MARGIN): the runtime widens it for sampling and sets it to infinity under a
 repetition penalty (runtime.sampling.screen_margin), so those stay exact too. A runtime that never
 feeds it (onnxruntime-genai) gets margin 0: exact greedy, the other logits within the bound.
+Perplexity, computed over every position of a prompt, runs the fp32 head.
 
 The bound, from the head's weight error E = W - dequant(Q) (known exactly when the head is written)
 and the int8 rounding of the activations in MatMulNBits' accuracy_level 4 kernel (per block,
@@ -42,6 +46,11 @@ from edgegpt.errors import QuantizeError
 # the share of the vocabulary (per row) above which the head falls back to the fp32 Gemm: a kept token
 # costs about three times its share of the Gemm's reads (gather, write, read)
 FALLBACK_SHARE = 1 / 16
+# margins above this skip the screen for the fp32 head (sampling at temperatures over 0.4 keeps most of a
+# trained model's vocabulary within 25 x T anyway), and so do graphs of more rows than MAX_ROWS (the
+# recompute multiplies every row by every kept token: fine for a batch of decode steps, not a prompt)
+FULL_HEAD_MARGIN = 10.0
+MAX_ROWS = 8
 HEAD_BLOCK = 128
 ACT_ROUNDING = 1 / 127 + 1e-4
 _P = "/model/lm_head/screen/"
@@ -111,51 +120,61 @@ def screen_lm_head(model: onnx.ModelProto, *, block_size: int = HEAD_BLOCK) -> d
     consts = {"err_l2_x2": np.array(2 * bounds["err_l2"].max(), np.float32),
               "act_x2": np.array(2 * bounds["act"].max(), np.float32),
               "i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "ax0": np.array([0], np.int64),
-              "limit": np.array([max(1, int(vocab * FALLBACK_SHARE))], np.int64)}
+              "limit": np.array([max(1, int(vocab * FALLBACK_SHARE))], np.int64),
+              "full_margin": np.array(FULL_HEAD_MARGIN, np.float32), "max_rows": np.array([MAX_ROWS], np.int64)}
     new_inits = [numpy_helper.from_array(v, _P + k) for k, v in {**qweights, **consts}.items()]
     new_inits.append(numpy_helper.from_array(np.array(0.0, np.float32), SCREEN_MARGIN))
 
-    nodes = []
+    def fp32_head(out: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("Gemm", [h, wte_name], [_P + out], name=_P + out, transB=1)],
+                                 out, [], [helper.make_tensor_value_info(_P + out, TensorProto.FLOAT, None)])
 
-    def op(kind: str, inputs: list[str], out: str, **kw) -> str:
-        nodes.append(helper.make_node(kind, inputs, [_P + out], name=_P + out, **kw))
-        return _P + out
+    class Ops(list):
+        def __call__(self, kind: str, inputs: list[str], out: str, **kw) -> str:
+            self.append(helper.make_node(kind, inputs, [_P + out], name=_P + out, **kw))
+            return _P + out
 
-    approx = _P + "approx"
-    nodes.append(helper.make_node("MatMulNBits", [h, _P + "B", _P + "scales"]
-                                  + ([_P + "zero_points"] if "zero_points" in qweights else []),
-                                  [approx], name=_P + "MatMulNBits", domain="com.microsoft", **attrs))
-    l2 = op("ReduceL2", [h], "h_l2", axes=[1])
-    linf = op("ReduceMax", [op("Abs", [h], "h_abs")], "h_max", axes=[1])
+    # recompute the kept (row, token) pairs in fp32 and write them over the approximation
+    exact_ops = Ops()
+    rows = exact_ops("Unsqueeze", [exact_ops("Gather", [_P + "pairs", _P + "i0"], "rows", axis=0), _P + "ax0"], "rows_1n")
+    tokens = exact_ops("Gather", [_P + "pairs", _P + "i1"], "tokens", axis=0)
+    w_rows = exact_ops("Gather", [wte_name, tokens], "w_rows", axis=0)
+    # (R, n) fp32 dot products of every row with every kept token, then each pair's own row: one pass over
+    # the kept embedding rows for a decode step's one row (hence MAX_ROWS)
+    dots = exact_ops("Gemm", [h, w_rows], "dots", transB=1)
+    exact = exact_ops("Squeeze", [exact_ops("GatherElements", [dots, rows], "exact_1n", axis=0), _P + "ax0"], "exact")
+    index = exact_ops("Transpose", [_P + "pairs"], "index", perm=[1, 0])
+    exact_ops("ScatterND", [_P + "approx", index, exact], "screened")
+    recompute = helper.make_graph(exact_ops, "recompute", [],
+                                  [helper.make_tensor_value_info(_P + "screened", TensorProto.FLOAT, None)])
+
+    # the screen: the 8-bit head, the bound, the kept pairs; too many of them: the fp32 head after all
+    screen_ops = Ops()
+    screen_ops.append(helper.make_node(
+        "MatMulNBits", [h, _P + "B", _P + "scales"] + ([_P + "zero_points"] if "zero_points" in qweights else []),
+        [_P + "approx"], name=_P + "MatMulNBits", domain="com.microsoft", **attrs))
+    l2 = screen_ops("ReduceL2", [h], "h_l2", axes=[1])
+    linf = screen_ops("ReduceMax", [screen_ops("Abs", [h], "h_abs")], "h_max", axes=[1])
     # (R, 1): twice the bound (a token's upper end against the best lower end) plus the margin
-    width = op("Add", [op("Add", [op("Mul", [l2, _P + "err_l2_x2"], "w_weights"),
-                                  op("Mul", [linf, _P + "act_x2"], "w_act")], "width2"), SCREEN_MARGIN], "width")
-    threshold = op("Sub", [op("ReduceMax", [approx], "best", axes=[1]), width], "threshold")
-    pairs = op("NonZero", [op("GreaterOrEqual", [approx, threshold], "keep")], "pairs")  # (2, n): row, token
-    limit = op("Mul", [op("Shape", [h], "rows_count", start=0, end=1), _P + "limit"], "limit_rows")
-    many = op("Greater", [op("Shape", [pairs], "kept", start=1, end=2), limit], "many")
+    width = screen_ops("Add", [screen_ops("Add", [screen_ops("Mul", [l2, _P + "err_l2_x2"], "w_weights"),
+                                                  screen_ops("Mul", [linf, _P + "act_x2"], "w_act")], "width2"),
+                               SCREEN_MARGIN], "width")
+    threshold = screen_ops("Sub", [screen_ops("ReduceMax", [_P + "approx"], "best", axes=[1]), width], "threshold")
+    screen_ops("NonZero", [screen_ops("GreaterOrEqual", [_P + "approx", threshold], "keep")], "pairs")  # (2, n)
+    limit = screen_ops("Mul", [_P + "row_count", _P + "limit"], "limit_rows")
+    many = screen_ops("Greater", [screen_ops("Shape", [_P + "pairs"], "kept", start=1, end=2), limit], "many")
+    screen_ops("If", [many], "screen_out", then_branch=fp32_head("full_many"), else_branch=recompute)
+    screen = helper.make_graph(screen_ops, "screen", [],
+                               [helper.make_tensor_value_info(_P + "screen_out", TensorProto.FLOAT, None)])
 
-    # then: too many tokens to recompute one by one: the fp32 head as it was
-    full = helper.make_graph([helper.make_node("Gemm", [h, wte_name], [_P + "full"], name=_P + "full", transB=1)],
-                             "screen_full", [], [helper.make_tensor_value_info(_P + "full", TensorProto.FLOAT, None)])
-    # else: recompute the kept (row, token) pairs in fp32 and write them over the approximation
-    sub = []
-
-    def sop(kind: str, inputs: list[str], out: str, **kw) -> str:
-        sub.append(helper.make_node(kind, inputs, [_P + out], name=_P + out, **kw))
-        return _P + out
-
-    rows = sop("Unsqueeze", [sop("Gather", [pairs, _P + "i0"], "rows", axis=0), _P + "ax0"], "rows_1n")
-    w_rows = sop("Gather", [wte_name, sop("Gather", [pairs, _P + "i1"], "tokens", axis=0)], "w_rows", axis=0)
-    # (R, n) fp32 dot products of every row with every kept token, then each pair's own row: for the one
-    # row of a decode step that is one pass over the kept embedding rows
-    dots = sop("Gemm", [h, w_rows], "dots", transB=1)
-    exact = sop("Squeeze", [sop("GatherElements", [dots, rows], "exact_1n", axis=0), _P + "ax0"], "exact")
-    index = sop("Transpose", [pairs], "index", perm=[1, 0])
-    sub.append(helper.make_node("ScatterND", [approx, index, exact], [_P + "screened"], name=_P + "ScatterND"))
-    screened = helper.make_graph(sub, "screen_exact", [],
-                                 [helper.make_tensor_value_info(_P + "screened", TensorProto.FLOAT, None)])
-    nodes.append(helper.make_node("If", [many], [logits2d], name=_P + "If", then_branch=full, else_branch=screened))
+    # the main graph: the fp32 head outright for a wide margin (sampling at a temperature over
+    # FULL_HEAD_MARGIN / 25, a repetition penalty) or for many rows (a prompt's every position)
+    nodes = Ops()
+    rows_count = nodes("Shape", [h], "row_count", start=0, end=1)
+    wide = nodes("Or", [nodes("Greater", [SCREEN_MARGIN, _P + "full_margin"], "wide_margin"),
+                        nodes("Greater", [rows_count, _P + "max_rows"], "many_rows")], "wide")
+    nodes.append(helper.make_node("If", [wide], [logits2d], name=_P + "If", then_branch=fp32_head("full"),
+                                  else_branch=screen))
 
     at = list(model.graph.node).index(gemm)
     model.graph.node.remove(gemm)
@@ -169,7 +188,8 @@ def screen_lm_head(model: onnx.ModelProto, *, block_size: int = HEAD_BLOCK) -> d
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {"lm_head": "screened", "screen": {
         "approx": "8-bit MatMulNBits", "block_size": int(attrs["block_size"]), "accuracy_level": 4,
-        "margin_input": SCREEN_MARGIN, "fallback_share": FALLBACK_SHARE,
+        "margin_input": SCREEN_MARGIN, "fallback_share": FALLBACK_SHARE, "full_head_margin": FULL_HEAD_MARGIN,
+        "max_rows": MAX_ROWS,
         "approx_bytes": int(sum(v.nbytes for v in qweights.values())),
         # the bound's constants: |h|_2 and max|h| times these (see the module's docstring)
         "bound": {"h_l2_times": float(bounds["err_l2"].max()), "h_max_times": float(bounds["act"].max())}}}

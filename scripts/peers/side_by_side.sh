@@ -20,12 +20,13 @@ build() {  # name, then the command that writes "$OUT/name"
 }
 build src-fp32  edgegpt export "$CKPT" --out "$OUT/src-fp32" --kv-cache shared
 build fp32      edgegpt export "$CKPT" --out "$OUT/fp32" --kv-cache shared --last-logits-only
+build fp32-screened edgegpt quantize "$OUT/src-fp32" --out "$OUT/fp32-screened" --mode fp32 --lm-head screened --last-logits-only
 build int8      edgegpt quantize "$OUT/src-fp32" --out "$OUT/int8" --mode int8 --kv-cache fp32 --last-logits-only
 build int4      edgegpt quantize "$OUT/src-fp32" --out "$OUT/int4" --mode int4 --kv-cache fp32 --last-logits-only
 build int8-kv8  edgegpt quantize "$OUT/src-fp32" --out "$OUT/int8-kv8" --mode int8 --kv-cache int8 --last-logits-only
 build int4-kv8  edgegpt quantize "$OUT/src-fp32" --out "$OUT/int4-kv8" --mode int4 --kv-cache int8 --last-logits-only
 
-PEERS=(--genai "$OUT/fp32" --genai "$OUT/int8" --genai "$OUT/int4")
+PEERS=(--genai "$OUT/fp32" --genai "$OUT/fp32-screened" --genai "$OUT/int8" --genai "$OUT/int4")
 # what onnxruntime-genai users get for GPT-2 today: Optimum's export (+ int8 / int4) with a genai_config.json
 [ -f "$OUT/opt-int4/genai_config.json" ] || python "$(dirname "$0")/optimum_for_genai.py" "$CKPT" "$OUT/opt"
 PEERS+=(--genai "$OUT/opt-fp32" --genai "$OUT/opt-int8" --genai "$OUT/opt-int4")
@@ -38,10 +39,10 @@ fi
 
 for W in W1 W2; do
   echo "== $W"
-  edgegpt bench "$OUT/fp32" "$OUT/int8" "$OUT/int4" "$OUT/int8-kv8" "$OUT/int4-kv8" "${PEERS[@]}" \
+  edgegpt bench "$OUT/fp32" "$OUT/fp32-screened" "$OUT/int8" "$OUT/int4" "$OUT/int8-kv8" "$OUT/int4-kv8" "${PEERS[@]}" \
     --workload "$W" --runs "$RUNS" --roofline --json "$OUT/$W.json" | tee "$OUT/$W.txt"
 done
 
 echo "== decode ms/token after 192 and 960 context tokens (the mean contexts of W1 and W2), one invocation"
-edgegpt bench "$OUT/fp32" "$OUT/int8" "$OUT/int4" "$OUT/int8-kv8" "$OUT/int4-kv8" "${PEERS[@]}" \
+edgegpt bench "$OUT/fp32" "$OUT/fp32-screened" "$OUT/int8" "$OUT/int4" "$OUT/int8-kv8" "$OUT/int4-kv8" "${PEERS[@]}" \
   --prompt-tokens 16 --new-tokens 16 --sweep-context 192,960 --runs "$RUNS" --json "$OUT/sweep.json" | tee "$OUT/sweep.txt"
