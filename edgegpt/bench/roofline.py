@@ -69,7 +69,9 @@ def measure_bandwidth(threads: Optional[int] = None, reps: int = 7) -> dict:
 
 def weight_bytes_per_token(bundle: str | Path) -> Optional[int]:
     """Bytes of initializers one decode step reads: all of them but tables only indexed by Gather
-    (the embedding rows a step reads are negligible; a tied LM head counts once, via its Gemm)."""
+    (the embedding rows a step reads are negligible; a tied LM head counts once, via its Gemm).
+    Nodes inside If branches count too, except branches named ``fallback*`` that a decode step does
+    not take (the screened head's fp32 Gemm)."""
     try:
         import onnx
         from onnx import helper
@@ -80,9 +82,17 @@ def weight_bytes_per_token(bundle: str | Path) -> Optional[int]:
     m = read_manifest(bundle)
     model = onnx.load(str(Path(bundle) / m["graph"]["file"]), load_external_data=False)
     users: dict[str, set[str]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, set()).add(node.op_type)
+
+    def walk(graph) -> None:
+        for node in graph.node:
+            for name in node.input:
+                users.setdefault(name, set()).add(node.op_type)
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    if not sub.name.startswith("fallback"):
+                        walk(sub)
+
+    walk(model.graph)
     total = 0
     for t in model.graph.initializer:
         ops = users.get(t.name, set())

@@ -89,7 +89,8 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
         raise QuantizeError(f"{src} is already {manifest['precision']}; quantizing it again to {mode} compounds the "
                             f"error. Quantize the fp32 bundle it came from instead")
     if manifest.get("recipe", {}).get("lm_head") == "screened":
-        raise QuantizeError(f"{src} has a screened LM head; quantize the fp32 bundle it came from instead")
+        origin = manifest.get("source_bundle", {}).get("path", "the fp32 export it came from")
+        raise QuantizeError(f"{src} has a screened LM head (a CPU decoding variant of fp32); start from {origin} instead")
     if any(x["dtype"] != "float32" for x in manifest["io"]["inputs"] if x["name"].startswith("past_key_values.")):
         raise QuantizeError(f"{src} already keeps a quantized KV cache; quantize the fp32 bundle it came from instead")
     if manifest["graph"].get("external_data"):

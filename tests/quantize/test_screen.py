@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegpt import contract
+from edgegpt.bench.roofline import weight_bytes_per_token
 from edgegpt.cli import main
 from edgegpt.errors import QuantizeError
 from edgegpt.manifest import file_table, read_manifest
@@ -43,7 +44,7 @@ def _steps(bundle, ids, n, margin=None):
     return np.stack(logits)
 
 
-def test_screened_bundle_records_what_it_is(screened):
+def test_screened_bundle_records_what_it_is(screened, trained_bundle):
     out, m = screened
     assert m["precision"] == "fp32" and m["recipe"]["lm_head"] == "screened"
     assert m["recipe"]["screen"]["margin_input"] == contract.SCREEN_MARGIN
@@ -54,6 +55,10 @@ def test_screened_bundle_records_what_it_is(screened):
     # perplexity (every position at once) runs the fp32 head; the decode path runs the screen
     assert q["kl_mean"] == 0 and q["ppl_increase_pct"] == 0
     assert q["decode_path"]["top1_agreement"] == 1.0 and 0 < q["decode_path"]["kl_mean"] < 1e-3
+    # what a decode step reads: the 8-bit copy instead of the fp32 head (the embedding table is only gathered)
+    a = read_manifest(trained_bundle)["architecture"]
+    fewer = a["vocab_size"] * a["n_embd"] * 4 - m["recipe"]["screen"]["approx_bytes"]
+    assert abs(weight_bytes_per_token(trained_bundle) - fewer - weight_bytes_per_token(out)) < 1000
     # the graph's inputs are still the contract's: the margin is an overridable initializer
     s = ModelSession(out)
     assert s.screened and contract.SCREEN_MARGIN not in {x.name for x in s.session.get_inputs()}
