@@ -97,13 +97,17 @@ def quantize_head(wte: np.ndarray, block_size: int = HEAD_BLOCK) -> tuple[dict, 
     return attrs, ordered, deq
 
 
-def head_bounds(wte: np.ndarray, deq: np.ndarray) -> dict[str, np.ndarray]:
+def head_bounds(wte: np.ndarray, deq: np.ndarray, chunk: int = 4096) -> dict[str, np.ndarray]:
     """Per-token constants of the bound (float64 sums, rounded up to float32): the weight error's
-    L2 norm, and |dequant(Q_j)|_1 times the activations' rounding."""
-    err = wte.astype(np.float64) - deq.astype(np.float64)
+    L2 norm, and |dequant(Q_j)|_1 times the activations' rounding. In chunks of rows, so the float64
+    copies stay small for large vocabularies."""
+    err_l2, act = np.empty(len(wte), np.float64), np.empty(len(wte), np.float64)
+    for i in range(0, len(wte), chunk):
+        w, d = wte[i:i + chunk].astype(np.float64), deq[i:i + chunk].astype(np.float64)
+        err_l2[i:i + chunk] = np.sqrt(((w - d) ** 2).sum(1))
+        act[i:i + chunk] = np.abs(d).sum(1) * ACT_ROUNDING
     up = lambda x: np.nextafter(x.astype(np.float32), np.float32(np.inf))  # noqa: E731
-    return {"err_l2": up(np.sqrt((err * err).sum(1))),
-            "act": up(np.abs(deq.astype(np.float64)).sum(1) * ACT_ROUNDING)}
+    return {"err_l2": up(err_l2), "act": up(act)}
 
 
 def screen_lm_head(model: onnx.ModelProto, *, block_size: int = HEAD_BLOCK) -> dict:
