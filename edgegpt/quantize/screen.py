@@ -22,12 +22,16 @@ feeds it (onnxruntime-genai) gets margin 0: exact greedy, the other logits withi
 Perplexity, computed over every position of a prompt, runs the fp32 head.
 
 The bound, from the head's weight error E = W - dequant(Q) (known exactly when the head is written)
-and the int8 rounding of the activations in MatMulNBits' accuracy_level 4 kernel (per block,
-round to nearest, scale max|h_block| / 127):
+and the int8 rounding of the activations in MatMulNBits' accuracy_level 4 kernel (per block of the
+weights' 128 input channels, round to nearest, scale max|h_b| / 127), summed over those blocks b:
 
-    bound = |h|_2 * max_j |E_j|_2                            (the weights' error: Cauchy-Schwarz)
-          + max_i |h_i| * (1/127 + 1e-4) * max_j |dequant(Q_j)|_1
+    bound = sum_b |h_b|_2 * max_j |E_jb|_2                     (the weights' error: Cauchy-Schwarz)
+          + sum_b max_i |h_bi| * (1/127 + 1e-4) * max_j |dequant(Q_jb)|_1
                                       (the activations': twice the half step, plus float rounding)
+
+Per block, a block of large activations widens only its own share: GPT-2's residual stream has a few
+channels far larger than the rest, and a whole-row bound would let them dominate every token's window
+(rows without such blocks get a bound within a few percent of the whole-row one).
 
 One bound per row, with the largest per-token constants, costs two fewer passes over the vocabulary
 than a bound per token and recomputes 2-3x the tokens: 2 -> 7 on a trained 4x256 model, 170 -> 340
@@ -97,15 +101,20 @@ def quantize_head(wte: np.ndarray, block_size: int = HEAD_BLOCK) -> tuple[dict, 
     return attrs, ordered, deq
 
 
-def head_bounds(wte: np.ndarray, deq: np.ndarray, chunk: int = 4096) -> dict[str, np.ndarray]:
-    """Per-token constants of the bound (float64 sums, rounded up to float32): the weight error's
-    L2 norm, and |dequant(Q_j)|_1 times the activations' rounding. In chunks of rows, so the float64
-    copies stay small for large vocabularies."""
-    err_l2, act = np.empty(len(wte), np.float64), np.empty(len(wte), np.float64)
-    for i in range(0, len(wte), chunk):
-        w, d = wte[i:i + chunk].astype(np.float64), deq[i:i + chunk].astype(np.float64)
-        err_l2[i:i + chunk] = np.sqrt(((w - d) ** 2).sum(1))
-        act[i:i + chunk] = np.abs(d).sum(1) * ACT_ROUNDING
+def head_bounds(wte: np.ndarray, deq: np.ndarray, block: int, chunk: int = 4096) -> dict[str, np.ndarray]:
+    """The bound's constants per block of ``block`` input channels, the largest over the vocabulary
+    (float64 sums, rounded up to float32): the weight error's L2 norm, and |dequant(Q_j)|_1 times the
+    activations' rounding. One block spanning the row when the width is not a multiple of ``block``
+    (still a bound: no activation block's largest value exceeds the row's). In chunks of rows, so the
+    float64 copies stay small for large vocabularies."""
+    vocab, width = wte.shape
+    blocks = width // block if width % block == 0 else 1
+    err_l2, act = np.zeros(blocks, np.float64), np.zeros(blocks, np.float64)
+    for i in range(0, vocab, chunk):
+        w = wte[i:i + chunk].astype(np.float64).reshape(-1, blocks, width // blocks)
+        d = deq[i:i + chunk].astype(np.float64).reshape(-1, blocks, width // blocks)
+        err_l2 = np.maximum(err_l2, np.sqrt(((w - d) ** 2).sum(2)).max(0))
+        act = np.maximum(act, np.abs(d).sum(2).max(0) * ACT_ROUNDING)
     up = lambda x: np.nextafter(x.astype(np.float32), np.float32(np.inf))  # noqa: E731
     return {"err_l2": up(err_l2), "act": up(act)}
 
@@ -119,10 +128,12 @@ def screen_lm_head(model: onnx.ModelProto, *, block_size: int = HEAD_BLOCK) -> d
     wte = numpy_helper.to_array(inits[wte_name])
     vocab = wte.shape[0]
     attrs, qweights, deq = quantize_head(wte, block_size)
-    bounds = head_bounds(wte, deq)
+    bounds = head_bounds(wte, deq, int(attrs["block_size"]))
+    blocks = len(bounds["err_l2"])
 
-    consts = {"err_l2_x2": np.array(2 * bounds["err_l2"].max(), np.float32),
-              "act_x2": np.array(2 * bounds["act"].max(), np.float32),
+    # (2 blocks, 1): twice the bound's constants, for a token's upper end against the best lower end
+    consts = {"bound_x2": 2 * np.concatenate([bounds["err_l2"], bounds["act"]])[:, None].astype(np.float32),
+              "block_shape": np.array([-1, blocks, wte.shape[1] // blocks], np.int64),
               "i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "ax0": np.array([0], np.int64),
               "limit": np.array([max(1, int(vocab * FALLBACK_SHARE))], np.int64),
               "full_margin": np.array(FULL_HEAD_MARGIN, np.float32), "max_rows": np.array([MAX_ROWS], np.int64)}
@@ -157,12 +168,12 @@ def screen_lm_head(model: onnx.ModelProto, *, block_size: int = HEAD_BLOCK) -> d
     screen_ops.append(helper.make_node(
         "MatMulNBits", [h, _P + "B", _P + "scales"] + ([_P + "zero_points"] if "zero_points" in qweights else []),
         [_P + "approx"], name=_P + "MatMulNBits", domain="com.microsoft", **attrs))
-    l2 = screen_ops("ReduceL2", [h], "h_l2", axes=[1])
-    linf = screen_ops("ReduceMax", [screen_ops("Abs", [h], "h_abs")], "h_max", axes=[1])
-    # (R, 1): twice the bound (a token's upper end against the best lower end) plus the margin
-    width = screen_ops("Add", [screen_ops("Add", [screen_ops("Mul", [l2, _P + "err_l2_x2"], "w_weights"),
-                                                  screen_ops("Mul", [linf, _P + "act_x2"], "w_act")], "width2"),
-                               SCREEN_MARGIN], "width")
+    # per row and block of channels: |h_b|_2 and max |h_b|, against the bound's constants -> (R, 1)
+    hb = screen_ops("Reshape", [h, _P + "block_shape"], "h_blocks")
+    norms = screen_ops("Concat", [screen_ops("ReduceL2", [hb], "h_l2", axes=[2], keepdims=0),
+                                  screen_ops("ReduceMax", [screen_ops("Abs", [hb], "h_abs")], "h_max", axes=[2],
+                                             keepdims=0)], "h_norms", axis=1)
+    width = screen_ops("Add", [screen_ops("MatMul", [norms, _P + "bound_x2"], "width2"), SCREEN_MARGIN], "width")
     threshold = screen_ops("Sub", [screen_ops("ReduceMax", [_P + "approx"], "best", axes=[1]), width], "threshold")
     screen_ops("NonZero", [screen_ops("GreaterOrEqual", [_P + "approx", threshold], "keep")], "pairs")  # (2, n)
     limit = screen_ops("Mul", [_P + "row_count", _P + "limit"], "limit_rows")
@@ -195,5 +206,6 @@ def screen_lm_head(model: onnx.ModelProto, *, block_size: int = HEAD_BLOCK) -> d
         "margin_input": SCREEN_MARGIN, "fallback_share": FALLBACK_SHARE, "full_head_margin": FULL_HEAD_MARGIN,
         "max_rows": MAX_ROWS,
         "approx_bytes": int(sum(v.nbytes for v in qweights.values())),
-        # the bound's constants: |h|_2 and max|h| times these (see the module's docstring)
-        "bound": {"h_l2_times": float(bounds["err_l2"].max()), "h_max_times": float(bounds["act"].max())}}}
+        # the bound's constants per block of channels: |h_b|_2 and max|h_b| times these (module docstring)
+        "bound": {"channels_per_block": wte.shape[1] // blocks, "h_l2_times": [float(x) for x in bounds["err_l2"]],
+                  "h_max_times": [float(x) for x in bounds["act"]]}}}

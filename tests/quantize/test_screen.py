@@ -150,7 +150,12 @@ def test_the_bound_holds_on_rows_with_outliers():
     model = _head_model(wte)
     info = screen_lm_head(model)
     b = info["screen"]["bound"]
-    bound = np.linalg.norm(h, axis=1, keepdims=True) * b["h_l2_times"] + np.abs(h).max(1, keepdims=True) * b["h_max_times"]
+    hb = h.reshape(len(h), -1, b["channels_per_block"])
+    assert hb.shape[1] == len(b["h_l2_times"]) == 2  # 256 channels in blocks of 128
+    bound = (np.linalg.norm(hb, axis=2) @ np.array(b["h_l2_times"]) + np.abs(hb).max(2) @ np.array(b["h_max_times"]))[:, None]
+    # against one bound over the whole row: within a few percent, and far tighter when the blocks differ
+    whole = (np.linalg.norm(h, axis=1) * max(b["h_l2_times"]) + np.abs(h).max(1) * max(b["h_max_times"]))[:, None]
+    assert (bound <= 1.05 * whole).all() and (bound[2::4] < 0.2 * whole[2::4]).all()
     err = np.abs(approx - exact)
     assert (err <= bound).all() and err.max() > 0
     # decode-step rows (one at a time) through the screened head: the fp32 argmax, the top tokens recomputed
@@ -175,8 +180,11 @@ def test_quantize_head_reads_back_what_onnxruntime_wrote():
     step = np.abs(wte).max(1, keepdims=True) / 128
     err = np.abs(wte - deq) / step
     assert err.max() <= 1 + 1e-5 and 0.2 < err.mean() < 0.3
-    bounds = head_bounds(wte, deq)
-    assert (bounds["err_l2"] > 0).all() and bounds["act"].shape == (300,)
+    bounds = head_bounds(wte, deq, 64)
+    assert bounds["err_l2"].shape == bounds["act"].shape == (2,) and (bounds["err_l2"] > 0).all()
+    err = (wte.astype(np.float64) - deq).reshape(300, 2, 64)
+    np.testing.assert_allclose(bounds["err_l2"], np.sqrt((err ** 2).sum(2)).max(0), rtol=1e-6)
+    assert head_bounds(wte, deq, 96)["act"].shape == (1,)  # 128 channels are not a multiple of 96: one block
 
 
 def test_bad_requests_fail_clearly(screened, trained_bundle, tmp_path):
