@@ -170,6 +170,28 @@ def test_the_bound_holds_on_rows_with_outliers():
     np.testing.assert_allclose(s.run(None, {"h": h})[0], exact, rtol=1e-4, atol=1e-3)
 
 
+def test_the_kernel_rounds_activations_per_block():
+    """The per-block bound's premise: MatMulNBits scales the activations of each block of 128 input
+    channels on its own, so a huge value in one block does not coarsen another's rounding."""
+    rng = np.random.default_rng(2)
+    wte = np.zeros((64, 256), np.float32)
+    wte[:, :128] = rng.standard_normal((64, 128)) * 0.02  # the tokens read only the first block
+    attrs, weights, deq = quantize_head(wte)
+    g = helper.make_graph([helper.make_node("MatMulNBits", ["h", "B", "scales"], ["y"], domain="com.microsoft",
+                                            **attrs)], "g",
+                          [helper.make_tensor_value_info("h", TensorProto.FLOAT, [None, 256])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(weights["B"], "B"), numpy_helper.from_array(weights["scales"], "scales")])
+    s = _session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                                   ir_version=9))
+    h = np.zeros((1, 256), np.float32)
+    h[0, :128] = rng.standard_normal(128) * 0.01
+    quiet = np.abs(s.run(None, {"h": h})[0][0] - h[0] @ deq.T).max()
+    h[0, 200] = 100.0  # with one scale for the row, the first block would round to zeros (error ~5e-3)
+    loud = np.abs(s.run(None, {"h": h})[0][0] - h[0] @ deq.T).max()
+    assert quiet < 2e-4 and loud < 2e-4
+
+
 def test_quantize_head_reads_back_what_onnxruntime_wrote():
     rng = np.random.default_rng(1)
     wte = (rng.standard_normal((300, 128)) * 0.05).astype(np.float32)
