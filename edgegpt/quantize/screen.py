@@ -131,7 +131,7 @@ def screen_lm_head(model: onnx.ModelProto, *, block_size: int = HEAD_BLOCK) -> d
     bounds = head_bounds(wte, deq, int(attrs["block_size"]))
     blocks = len(bounds["err_l2"])
 
-    # (2 blocks, 1): twice the bound's constants, for a token's upper end against the best lower end
+    # (2 x blocks, 1): twice the bound's constants, for a token's upper end against the best lower end
     consts = {"bound_x2": 2 * np.concatenate([bounds["err_l2"], bounds["act"]])[:, None].astype(np.float32),
               "block_shape": np.array([-1, blocks, wte.shape[1] // blocks], np.int64),
               "i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "ax0": np.array([0], np.int64),
