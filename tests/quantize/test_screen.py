@@ -105,6 +105,21 @@ def test_batched_generation_matches_the_fp32_bundle(screened, trained_bundle):
     assert b.generate(list(PROMPTS), 24, ignore_eos=True) == a.generate(list(PROMPTS), 24, ignore_eos=True)
 
 
+@pytest.mark.parametrize("options", [dict(graph="traced"), dict(graph="fused", kv_cache="shared")])
+def test_other_export_layouts_screen_too(trained_checkpoint, tmp_path, options):
+    """The traced graph (torch.onnx) and the shared-KV fused graph: the same head, the same tokens."""
+    from edgegpt.export.bundle import export_bundle
+    from edgegpt.export.onnx_export import ExportOptions
+
+    src = tmp_path / "fp32"
+    export_bundle(trained_checkpoint, src, ExportOptions(**options))
+    m = quantize_bundle(src, tmp_path / "s", "fp32", options={"lm_head": "screened"}, eval_tokens=600)
+    assert m["quality"]["greedy_agreement"] == 1.0 and m["quality"]["decode_path"]["top1_agreement"] == 1.0
+    a, b = Generator.load(src), Generator.load(tmp_path / "s")
+    for p in PROMPTS:
+        assert b.generate(p, 24, ignore_eos=True) == a.generate(p, 24, ignore_eos=True)
+
+
 def test_runtime_margins():
     assert screen_margin(SamplingParams()) == 0.0
     assert screen_margin(SamplingParams(temperature=0.5)) == 12.5
