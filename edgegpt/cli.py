@@ -422,7 +422,7 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
     cfg = BenchConfig(list(bundles), w, counts[0] if len(counts) == 1 else counts, provider, warmup, runs, tuple(baselines), checkpoint, sweep, roofline,
                       tuple(gguf), settle, tuple(genai_bundles), hugepages)
     n_systems = (len(bundles) + len(baselines) + len(gguf) + len(genai_bundles)) * len(counts)
-    total = n_systems * (warmup + runs + len(sweep))
+    total = n_systems * (warmup + runs + len(sweep) * max(1, runs))
     try:
         from tqdm.auto import tqdm
 

@@ -172,19 +172,25 @@ def measure(systems: list[System], prompts: list[list[int]], new_tokens: int, *,
                     res.runs.append(reduce_run(*out[:2]))
                     res.runs[-1].bandwidth_gb_s = bw
                     res.tokens = res.tokens or out[2]
-        for ctx_len, sweep_prompt in (sweep or {}).items():
-            for i, res in enumerate(pool.results):
-                times = []
-                for _ in range(max(1, runs)):
-                    time.sleep(settle_s)
-                    out = pool.run(i, sweep_prompt, sweep_new_tokens)
-                    if out is None:
-                        break
-                    times.append(1000 / reduce_run(*out[:2]).decode_tok_s)
-                if progress:
-                    progress(res.label)
-                if times:
-                    res.sweep[ctx_len] = statistics.median(times)
+        # the context sweep rotates contexts inside every round (192, 960, 192, 960, ... for each system in
+        # turn), so the host's drift over minutes hits every point alike: run one context after the other and
+        # a slow minute lands on one point (plain fp32 once read faster at 960 tokens than at 192)
+        times: dict[tuple[int, int], list[float]] = {}
+        failed: set[int] = set()
+        for _ in range(max(1, runs) if sweep else 0):
+            for ctx_len, sweep_prompt in sweep.items():
+                for i, res in enumerate(pool.results):
+                    if i not in failed:
+                        time.sleep(settle_s)
+                        out = pool.run(i, sweep_prompt, sweep_new_tokens)
+                        if out is None:
+                            failed.add(i)
+                        else:
+                            times.setdefault((ctx_len, i), []).append(1000 / reduce_run(*out[:2]).decode_tok_s)
+                    if progress:
+                        progress(res.label)
+        for (ctx_len, i), t in sorted(times.items()):
+            pool.results[i].sweep[ctx_len] = statistics.median(t)
         for res, p in zip(pool.results, pool.procs):
             res.peak_rss_mb = peak_rss_of(p.pid)
     finally:
