@@ -9,7 +9,7 @@ from statistics import median
 from typing import Callable, Optional
 
 from edgegpt.bench import report
-from edgegpt.bench.harness import Result, measure
+from edgegpt.bench.harness import SWEEP_NEW_TOKENS, Result, measure
 from edgegpt.bench.roofline import BandwidthProbe, kv_bytes_per_token, weight_bytes_per_token
 from edgegpt.bench.systems import (BenchError, EdgeGPT, GenAI, LlamaCpp, Optimum, System, TorchEager, gguf_precision,
                                    onnx_precision)
@@ -121,9 +121,10 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
     sizes = {s.label: _size(s) for s in systems}
     sweep = {}
     for c in cfg.sweep:
-        if c + 16 > min(m["max_context"] for m in manifests):
-            raise BenchError(f"--sweep-context {c}: context + 16 decode tokens exceeds the model's context")
-        sweep[c] = Workload("sweep", c, 16).prompt_ids(vocab)
+        if c + SWEEP_NEW_TOKENS > min(m["max_context"] for m in manifests):
+            raise BenchError(f"--sweep-context {c}: context + {SWEEP_NEW_TOKENS} decode tokens exceeds the model's "
+                             f"context")
+        sweep[c] = Workload("sweep", c, SWEEP_NEW_TOKENS).prompt_ids(vocab)
     probes: dict[Optional[int], BandwidthProbe] = {}
     weights: dict[str, Optional[int]] = {}
     if cfg.roofline:

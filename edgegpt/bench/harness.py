@@ -17,6 +17,8 @@ from typing import Callable, Optional
 from edgegpt.bench.systems import System
 from edgegpt.runtime.hugepages import hugepage_env
 
+SWEEP_NEW_TOKENS = 16  # decode steps timed at each --sweep-context point
+
 
 @contextmanager
 def _tunables(value: Optional[str]):
@@ -147,7 +149,7 @@ def peak_rss_of(pid: int) -> float:
 
 
 def measure(systems: list[System], prompts: list[list[int]], new_tokens: int, *, warmup: int, runs: int,
-            sweep: Optional[dict[int, list[list[int]]]] = None, sweep_new_tokens: int = 16,
+            sweep: Optional[dict[int, list[list[int]]]] = None, sweep_new_tokens: int = SWEEP_NEW_TOKENS,
             progress: Optional[Callable[[str], None]] = None, settle_s: float = 0.25,
             probe: Optional[Callable[[System], Optional[float]]] = None) -> list[Result]:
     """settle_s: idle time before every run, so the previous system's worker threads (onnxruntime

@@ -61,12 +61,6 @@ class BandwidthProbe:
         return self.nbytes / best / 1e9
 
 
-def measure_bandwidth(threads: Optional[int] = None, reps: int = 7) -> dict:
-    """Read bandwidth in GB/s (best of reps), with the method used."""
-    probe = BandwidthProbe(threads)
-    return {"gb_per_s": round(probe(reps), 2), "method": probe.method}
-
-
 def weight_bytes_per_token(bundle: str | Path) -> Optional[int]:
     """Bytes of initializers one decode step reads: all of them but tables only indexed by Gather
     (the embedding rows a step reads are negligible; a tied LM head counts once, via its Gemm).

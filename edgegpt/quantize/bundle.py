@@ -109,7 +109,7 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
     if mode == "fp32" and not kv_int8 and getattr(recipe, "lm_head", "fp32") != "screened":
         raise QuantizeError("--mode fp32 keeps the weights as they are; it is only useful with --kv-cache int8 "
                             "or --lm-head screened")
-    if kv_int8 and not manifest["graph"]["options"].get("shared_kv_buffer"):
+    if kv_int8 and not shared:
         raise QuantizeError(f"{src} has a concat KV cache; an int8 cache needs the shared buffer: "
                             f"re-export with --kv-cache shared")
     text = eval_text if eval_text is not None else default_eval_text()

@@ -46,6 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgegpt.contract import SCREEN_MARGIN
 from edgegpt.errors import QuantizeError
+from edgegpt.quantize.recipes import HEAD_BLOCK  # the int8 recipes' 8-bit head: the same kernel, measured there
 
 # the share of the vocabulary (per row) above which the head falls back to the fp32 Gemm: a kept token
 # costs about three times its share of the Gemm's reads (gather, write, read)
@@ -55,7 +56,6 @@ FALLBACK_SHARE = 1 / 16
 # recompute multiplies every row by every kept token: fine for a batch of decode steps, not a prompt)
 FULL_HEAD_MARGIN = 10.0
 MAX_ROWS = 8
-HEAD_BLOCK = 128
 ACT_ROUNDING = 1 / 127 + 1e-4
 _P = "/model/lm_head/screen/"
 
