@@ -1,20 +1,36 @@
-"""The `edgegpt` command: a thin click layer over the library functions.
+"""The `edgegpt` command: click declarations over the library functions.
 
 Heavy imports (torch, onnx) happen inside each command so `edgegpt --help` stays fast. Every
-EdgeGPTError (and ValueError from argument validation) becomes one line on stderr and exit 1.
+EdgeGPTError (and an operating-system error: a full disk, a read-only folder) becomes one line on
+stderr and exit 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from pathlib import Path
 
 import click
 
 from edgegpt import __version__
-from edgegpt.errors import EdgeGPTError
+from edgegpt.errors import EdgeGPTError, os_error_message
+
+
+def _cli_words(message: str) -> str:
+    """The library names its arguments as Python does (max_new_tokens, truncate_prompt=True); at the
+    command line the same words name the current command's flags (--max-new-tokens, --truncate-prompt)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return message
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and p.name and "_" in p.name:
+            flag = max(p.opts, key=len)
+            message = re.sub(rf"\b{p.name}=True\b", flag, message)
+            message = re.sub(rf"(?<![-\w]){p.name}\b", flag, message)
+    return message
 
 
 def friendly_errors(fn):
@@ -24,8 +40,10 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (EdgeGPTError, ValueError, FileNotFoundError) as e:
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except EdgeGPTError as e:
+            raise click.ClickException(_cli_words(str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+        except OSError as e:
+            raise click.ClickException(os_error_message(e)) from None
         except KeyboardInterrupt:
             click.echo("interrupted; no partial output was left behind", err=True)
             sys.exit(130)
@@ -48,6 +66,21 @@ def _int_list(value: str, option: str, example: str) -> list[int]:
         return [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise click.UsageError(f"{option} takes comma-separated integers, e.g. {example}; got {value!r}") from None
+
+
+def _generator(path: str, provider: str, threads, fallback: bool, verify: bool):
+    """The runtime's Generator over a bundle (onnxruntime) or a checkpoint dir (PyTorch)."""
+    from edgegpt.manifest import folder_kind
+
+    if folder_kind(path) == "bundle":
+        from edgegpt.runtime import Generator
+
+        return Generator.load(path, provider=provider, threads=threads, fallback=fallback, verify_files=verify)
+    if provider != "cpu" or fallback or verify:
+        raise click.UsageError("--provider, --fallback and --verify apply to bundles; export the checkpoint first")
+    from edgegpt.model.generate import checkpoint_generator
+
+    return checkpoint_generator(path, threads)
 
 
 def sampling_options(fn):
@@ -80,7 +113,8 @@ def sampling_options(fn):
 @click.option("--max-steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--min-lr", type=float, default=3e-4, show_default=True)
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=30, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
+              help="Linear warmup steps [10% of --max-steps, at most 30].")
 @click.option("--weight-decay", type=float, default=0.1, show_default=True)
 @click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 = off.")
 @click.option("--eval-interval", type=click.IntRange(min=0), default=100, show_default=True)
@@ -95,10 +129,6 @@ def train(data, out, resume, overwrite, init, **kw):
     """Train a GPT (and its byte-level BPE tokenizer) on text."""
     from edgegpt.model.train import TrainConfig, train as run_train
 
-    if resume and overwrite:
-        raise click.UsageError("--resume and --overwrite contradict each other; pick one")
-    if kw["warmup_steps"] > kw["max_steps"]:
-        raise click.UsageError("--warmup-steps must not exceed --max-steps")
     res = run_train(TrainConfig(data=list(data), out=out, resume=resume, overwrite=overwrite, init=init, **kw))
     click.echo(f"trained {res.n_params / 1e6:.2f}M params for {res.steps} steps in {res.seconds:.1f}s "
                f"({res.tokens_per_s:,.0f} tok/s): train loss {res.train_loss:.3f}, val loss {res.val_loss:.3f}")
@@ -110,51 +140,29 @@ def train(data, out, resume, overwrite, init, **kw):
 @click.option("--prompt", required=True)
 @sampling_options
 @click.option("--stop", multiple=True, help="Stop string (repeatable); the output is cut before it.")
-@click.option("--stream", is_flag=True, help="Print text as it is produced (bundles only).")
+@click.option("--stream", is_flag=True, help="Print text as it is produced.")
 @click.option("--provider", default="cpu", show_default=True,
               help="Execution provider for bundles: cpu, cuda, coreml, nnapi, xnnpack, qnn, dml.")
 @click.option("--fallback", is_flag=True, help="Use cpu (with a warning) when --provider is not available.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (bundles).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (at most the CPU count).")
 @click.option("--truncate-prompt", is_flag=True, help="Keep the prompt's last tokens when it is too long.")
+@click.option("--verify", is_flag=True, help="Check every file of the bundle against its manifest's sha256 first.")
 @friendly_errors
 def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stream,
-             provider, fallback, threads, truncate_prompt):
+             provider, fallback, threads, truncate_prompt, verify):
     """Generate text from a bundle (onnxruntime) or a checkpoint dir (PyTorch)."""
-    from pathlib import Path
-
-    from edgegpt.manifest import MANIFEST
-
+    gen = _generator(model, provider, threads, fallback, verify)
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-              truncate_prompt=truncate_prompt)
-    if (Path(model) / MANIFEST).is_file():
-        from edgegpt.runtime import Generator
-
-        gen = Generator.load(model, provider=provider, threads=threads, fallback=fallback)
-        if stream:
-            click.echo(prompt, nl=False)
-            for piece in gen.stream(prompt, max_new_tokens, stop=stop, **kw):
-                click.echo(piece, nl=False)
-            click.echo()
-        else:
-            click.echo(prompt + gen.generate(prompt, max_new_tokens, stop=stop, **kw))
+              truncate_prompt=truncate_prompt, stop=stop)
+    if not stream:
+        click.echo(prompt + gen.generate(prompt, max_new_tokens, **kw))
         return
-    from edgegpt.model.checkpoint import load_checkpoint
-    from edgegpt.model.generate import generate_ids
-    from edgegpt.runtime.sampling import SamplingParams
-    from edgegpt.runtime.text import StopStrings
-
-    if provider != "cpu" or stream or threads:
-        raise click.UsageError("--provider, --stream and --threads apply to bundles; export the checkpoint first")
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-    m, tok = load_checkpoint(model)
-    ids = tok.encode(prompt).ids
-    if truncate_prompt:
-        ids = ids[-(m.config.n_positions - max_new_tokens):]
-    new = generate_ids(m, ids, max_new_tokens, params, eos_token_id=m.config.eos_token_id)
-    if new and new[-1] == m.config.eos_token_id:
-        new = new[:-1]
-    s = StopStrings(stop)
-    click.echo(prompt + s.feed(tok.decode(new)) + s.flush())
+    pieces = gen.stream(prompt, max_new_tokens, **kw)
+    first = next(pieces, "")  # the prompt is checked (and prefilled) before anything is printed
+    click.echo(prompt + first, nl=False)
+    for piece in pieces:
+        click.echo(piece, nl=False)
+    click.echo()
 
 
 @main.command()
@@ -197,13 +205,13 @@ def export(model, out, graph, kv_cache, opset, last_logits_only, external_data, 
 @friendly_errors
 def verify(bundle, against, decode_steps, atol):
     """Re-run a bundle's parity check against a PyTorch checkpoint."""
-    from edgegpt.export.bundle import _failure, reverify
+    from edgegpt.export.bundle import failure_message, reverify
 
     v = reverify(bundle, against, decode_steps=decode_steps, atol=atol)
     click.echo(f"max |logit diff| {v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']}), greedy agreement "
                f"{v['greedy_agreement']:.1%} over {v['prompt_tokens']}-token prompt + {v['decode_steps']} decode steps")
     if not v["passed"]:
-        raise click.ClickException(_failure(v))
+        raise click.ClickException(failure_message(v))
     click.echo("PASSED")
 
 
@@ -223,13 +231,13 @@ def verify(bundle, against, decode_steps, atol):
 def package(bundle, target, out, precision, calibration, fixed_past, force, overwrite):
     """Package a bundle for a target: precision, ORT format, operator config, provider report."""
     from edgegpt.export.package import TARGETS, package_bundle
-    from edgegpt.model.data import read_text
+    from edgegpt.model.data import read_nonempty
 
     t = TARGETS[target]
     click.echo(f"target {target}: precision {precision or t.default_precision}"
                f"{'' if precision else ' (default: ' + t.why + ')'}; providers {', '.join(t.providers)}")
-    m = package_bundle(bundle, target, out, precision=precision, calibration=read_text(calibration) if calibration
-                       else None, fixed_past=fixed_past, overwrite=overwrite, force=force)
+    m = package_bundle(bundle, target, out, precision=precision, calibration=read_nonempty(calibration, "calibration")
+                       if calibration else None, fixed_past=fixed_past, overwrite=overwrite, force=force)
     p = m["package"]
     if "ort_format" in p:
         o = p["ort_format"]
@@ -289,13 +297,13 @@ def quantize(bundle, out, mode, block_size, symmetric, algorithm, accuracy_level
              eval_text, max_ppl_increase, force, last_logits_only, overwrite):
     """Write an int8 / int4 / fp16 / int8-static copy of an fp32 bundle, with its measured quality."""
     from edgegpt.export.inspect import describe
-    from edgegpt.model.data import read_text
+    from edgegpt.model.data import read_nonempty
     from edgegpt.quantize.bundle import quantize_bundle
 
     opts = {"block_size": int(block_size) if block_size else None, "symmetric": symmetric, "accuracy_level": accuracy_level,
             "lm_head": lm_head, "embedding": embedding, "algorithm": algorithm}
-    quantize_bundle(bundle, out, mode, options=opts, eval_text=read_text(eval_text) if eval_text else None,
-                    calibration=read_text(calibration) if calibration else None, max_ppl_increase=max_ppl_increase,
+    quantize_bundle(bundle, out, mode, options=opts, eval_text=read_nonempty(eval_text, "evaluation") if eval_text else None,
+                    calibration=read_nonempty(calibration, "calibration") if calibration else None, max_ppl_increase=max_ppl_increase,
                     force=force, overwrite=overwrite, last_logits_only=last_logits_only, kv_cache=kv_cache)
     click.echo(describe(out))
 
@@ -317,35 +325,26 @@ def chat(bundle, system_text, max_new_tokens, temperature, top_k, top_p, repetit
     The history is kept as token ids. On a --kv-cache shared bundle each turn starts from the last turn's
     KV cache (the runtime's prompt_cache), so only the new line is prefilled. When the history outgrows
     the context, its oldest tokens are dropped (and that turn prefills in full)."""
-    import sys
-    import time
-
     from edgegpt.runtime import Generator
+    from edgegpt.runtime.chat import Chat
 
-    gen = Generator.load(bundle, provider=provider, threads=threads)
-    if gen.session.kv_capacity:
-        gen = Generator(gen.session, gen.tokenizer, prompt_cache=True)
-    elif stats:
+    conversation = Chat(Generator.load(bundle, provider=provider, threads=threads), system=system_text,
+                        max_new_tokens=max_new_tokens, stop=stop, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, seed=seed)
+    if stats and not conversation.reuses_cache:
         click.echo("(this bundle keeps a growing KV cache, so every turn prefills the whole history; export "
                    "with --kv-cache shared to reuse it)", err=True)
-    if max_new_tokens >= gen.max_context:
-        raise click.UsageError(f"--max-new-tokens must be below the model's context of {gen.max_context}")
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
-    ids = gen.encode(system_text) if system_text else []
-    for line in sys.stdin:
-        ids = (ids + gen.encode(line if line.endswith("\n") else line + "\n"))[-(gen.max_context - max_new_tokens):]
-        t0, first, new = time.perf_counter(), None, []
-        for piece, t in gen.stream_ids(ids, max_new_tokens, stop=stop, **kw):
-            if t is not None:
-                new.append(t)
-                first = first or time.perf_counter()
+    for number, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise click.ClickException(f"line {number} of the input is not UTF-8 text (byte {e.start}); "
+                                       f"send UTF-8") from None
+        for piece in conversation.turn(line):
             click.echo(piece, nl=False)
         click.echo()
         if stats:
-            speed = (len(new) - 1) / (time.perf_counter() - first) if len(new) > 1 else 0.0
-            click.echo(f"[{len(ids)} tokens of history, {gen.last_reused_tokens} reused "
-                       f"from the last turn; TTFT {1000 * ((first or t0) - t0):.1f} ms, {speed:.0f} tok/s]", err=True)
-        ids += new
+            click.echo(conversation.stats.line(), err=True)
 
 
 @main.command(name="eval")
@@ -360,10 +359,10 @@ def chat(bundle, system_text, max_new_tokens, temperature, top_k, top_p, repetit
 @friendly_errors
 def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
     """Perplexity of a bundle on a text (strided windows, with the runtime)."""
-    from edgegpt.model.data import read_text
+    from edgegpt.model.data import read_nonempty
     from edgegpt.quantize.evaluate import default_eval_text, evaluate
 
-    text = default_eval_text() if text_path == "builtin:pydoc-heldout" else read_text(text_path)
+    text = default_eval_text() if text_path == "builtin:pydoc-heldout" else read_nonempty(text_path, "evaluation")
     r = evaluate(bundle, text, window=window, stride=stride, max_tokens=max_tokens, reference=reference)
     line = (f"perplexity {r.perplexity:.4f} over {r.tokens} tokens ({r.windows} windows of {r.window}, "
             f"stride {r.stride})")
@@ -375,17 +374,17 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
 @main.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--workload", type=click.Choice(["W1", "W2", "W3"], case_sensitive=False), default=None,
-              help="A workload from DESIGN.md [W1 when no explicit sizes are given].")
+              help="A workload of docs/design.md [W1 when no explicit sizes are given].")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=None)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=None)
-@click.option("--batch", type=click.IntRange(min=1), default=None)
+@click.option("--batch", type=click.IntRange(1, 256), default=None)
 @click.option("--threads", default="2", show_default=True,
               help="Intra-op threads, or several (e.g. 1,2): every system then runs at each count, interleaved, "
                    "and a note names the fastest.")
 @click.option("--provider", default="cpu", show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--settle", type=click.FloatRange(min=0), default=0.25, show_default=True,
+@click.option("--warmup", type=click.IntRange(0, 100), default=1, show_default=True)
+@click.option("--runs", type=click.IntRange(1, 1000), default=3, show_default=True)
+@click.option("--settle", type=click.FloatRange(0, 60), default=0.25, show_default=True,
               help="Seconds of idle before each run, so the previous system's spinning threads are asleep.")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(["torch", "optimum", "genai"]),
               help="Also time PyTorch eager (transformers generate), Optimum or onnxruntime-genai. Repeatable.")
@@ -409,56 +408,34 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
     """Time bundles (interleaved) on a workload: TTFT, decode tok/s, RSS, size, load time."""
     from edgegpt.bench import report
     from edgegpt.bench.bench import BenchConfig, resolve_workload, run_bench, thread_counts
-    from edgegpt.bench.systems import BenchError
 
     sweep = _int_list(sweep_context or "", "--sweep-context", "128,256,512")
     if plot_path and not sweep:
         raise click.UsageError("--plot draws the context sweep: add --sweep-context 128,256,...")
     try:
         counts = thread_counts(tuple(_int_list(threads, "--threads", "2 or 1,2")))
-    except BenchError as e:
+    except EdgeGPTError as e:
         raise click.UsageError(f"--{e}; e.g. 2 or 1,2") from None
     w = resolve_workload(workload, prompt_tokens, new_tokens, batch)
-    cfg = BenchConfig(list(bundles), w, counts[0] if len(counts) == 1 else counts, provider, warmup, runs, tuple(baselines), checkpoint, sweep, roofline,
-                      tuple(gguf), settle, tuple(genai_bundles), hugepages)
+    cfg = BenchConfig(bundles=list(bundles), workload=w, threads=counts[0] if len(counts) == 1 else counts,
+                      provider=provider, warmup=warmup, runs=runs, baselines=tuple(baselines), checkpoint=checkpoint,
+                      sweep=sweep, roofline=roofline, gguf=tuple(gguf), settle_s=settle, genai=tuple(genai_bundles),
+                      hugepages=hugepages)
     n_systems = (len(bundles) + len(baselines) + len(gguf) + len(genai_bundles)) * len(counts)
     total = n_systems * (warmup + runs + len(sweep) * max(1, runs))
-    try:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="bench", unit="run", leave=False)
-        progress = lambda label: (bar.set_postfix_str(label[:40]), bar.update(1))  # noqa: E731
-    except ImportError:
-        bar, progress = None, None
-    try:
-        rep = run_bench(cfg, progress)
-    finally:
-        if bar is not None:
-            bar.close()
-    click.echo(f"{w.name}: batch {w.batch}, {w.prompt_tokens}-token prompt, exactly {w.new_tokens} new tokens (greedy, "
-               f"EOS ignored), {'/'.join(map(str, counts))} threads, {provider}; median of {runs} runs after {warmup} warm-up, {settle:g} s idle before each, "
-               f"interleaved; {rep.data['machine']['cpu']}, onnxruntime {rep.data['machine']['onnxruntime']}")
-    click.echo(rep.table)
-    for t, bw in rep.data["bandwidth_by_threads"].items():
-        click.echo(f"bandwidth {bw['gb_per_s']} GB/s: the median of {bw['probes']} probes, one before each run "
-                   f"({bw['min']}-{bw['best']}; {bw['method']})")
-    if rep.data["bound_tok_s"]:
-        click.echo("decode bound tok/s (weights + KV cache at the mean decode context): " + ", ".join(
-            f"{k} {v:.0f} ({rep.data['bytes_per_token'][k]['weights'] / 1e6:.0f} + "
-            f"{rep.data['bytes_per_token'][k]['kv_cache'] / 1e6:.1f} MB)" for k, v in rep.data["bound_tok_s"].items()))
-    for r in rep.results:
-        if r.sweep:
-            click.echo(f"context sweep, {r.label}: " + ", ".join(f"{c}: {ms:.2f} ms/token" for c, ms in sorted(r.sweep.items())))
-    huge = rep.data["hugepages"]
-    click.echo("huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) for: " + (", ".join(huge) if huge else "none") + (
-        "" if huge or hugepages == "none" else " (needs Linux, glibc >= 2.35 and transparent huge pages)"))
-    for n in rep.notes:
-        click.echo(f"note: {n}")
+    with tqdm(total=total, desc="bench", unit="run", leave=False) as bar:
+        rep = run_bench(cfg, lambda label: (bar.set_postfix_str(label[:40]), bar.update(1)))
+    click.echo(report.render(rep, counts, provider, runs, warmup, settle, hugepages))
     if json_path:
         report.write_json(json_path, rep.data)
     if plot_path:
         report.plot(rep.results, plot_path, f"decode latency vs context ({'/'.join(map(str, counts))} threads, {provider})")
         click.echo(f"plot: {plot_path}")
+    if rep.failures:
+        raise click.ClickException(f"{len(rep.failures)} of {len(rep.results)} systems were not measured: "
+                                   f"{rep.failures[0]}")
 
 
 if __name__ == "__main__":

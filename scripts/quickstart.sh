@@ -31,4 +31,4 @@ echo "== sample from the int4 bundle (temperature 0.8, top-p 0.95, seeded)"
 edgegpt generate "$OUT/tiny-int4" --prompt "The with statement" --max-new-tokens 40 --temperature 0.8 --top-p 0.95 --seed 1
 
 echo "== benchmark fp32 / int8 / int4 against PyTorch eager (W1 sizes: 128-token prompt, 128 new tokens)"
-edgegpt bench "$OUT/tiny-fp32" "$OUT/tiny-int8" "$OUT/tiny-int4" --workload W1 --baseline torch --runs 3
+edgegpt bench "$OUT/tiny-fp32" "$OUT/tiny-int8" "$OUT/tiny-int4" --workload W1 --baseline torch --checkpoint "$OUT/tiny" --runs 3

@@ -24,7 +24,8 @@ def test_bad_checkpoint_is_one_line_without_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-m", "edgegpt.cli", "generate", str(tmp_path), "--prompt", "x"],
                          capture_output=True, text=True)
     assert res.returncode == 1
-    assert res.stderr.strip() == f"Error: {tmp_path} has no config.json; is it a Hugging Face GPT-2 checkpoint dir?"
+    assert res.stderr.strip() == (f"Error: {tmp_path} is neither an edgegpt bundle (no edgegpt.json) nor a "
+                                  f"checkpoint dir (no config.json)")
 
 
 def test_train_then_generate_from_the_cli(tmp_path):
@@ -40,6 +41,6 @@ def test_train_then_generate_from_the_cli(tmp_path):
     gen = CliRunner().invoke(main, ["generate", str(out), "--prompt", "The", "--max-new-tokens", "5"])
     assert gen.exit_code == 0 and gen.output.startswith("The")
     bad = CliRunner().invoke(main, ["generate", str(out), "--prompt", "The", "--top-p", "2"])
-    assert bad.exit_code == 1 and "top_p must be in (0, 1]" in bad.output
+    assert bad.exit_code == 1 and "--top-p must be in (0, 1]" in bad.output
     long = CliRunner().invoke(main, ["generate", str(out), "--prompt", "The", "--max-new-tokens", "100"])
-    assert long.exit_code == 1 and "exceeds the model's context of 64" in long.output
+    assert long.exit_code == 1 and "--max-new-tokens (100) must be below the model's context of 64" in long.output

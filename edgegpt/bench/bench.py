@@ -11,15 +11,18 @@ from typing import Callable, Optional
 from edgegpt.bench import report
 from edgegpt.bench.harness import SWEEP_NEW_TOKENS, Result, measure
 from edgegpt.bench.roofline import BandwidthProbe, kv_bytes_per_token, weight_bytes_per_token
-from edgegpt.bench.systems import (BenchError, EdgeGPT, GenAI, LlamaCpp, Optimum, System, TorchEager, gguf_precision,
+from edgegpt.bench.systems import (EdgeGPT, GenAI, LlamaCpp, Optimum, System, TorchEager, gguf_precision,
                                    onnx_precision)
 from edgegpt.bench.workloads import WORKLOADS, Workload
-from edgegpt.errors import BundleError
-from edgegpt.manifest import MANIFEST, bundle_size, read_manifest
+from edgegpt.errors import BenchError, BundleError
+from edgegpt.limits import check_int, check_threads
+from edgegpt.manifest import MANIFEST, bundle_size, read_manifest, verify_files
 from edgegpt.runtime import hugepages
 
 BASELINES = ("torch", "optimum", "genai")
 HUGEPAGES = ("edgegpt", "all", "none")
+MAX_RUNS = 1000  # a benchmark of more runs than this is a typo, not a measurement
+MAX_BATCH = 256
 
 
 @dataclass
@@ -46,6 +49,12 @@ class BenchReport:
     table: str
     notes: list[str]
     data: dict
+    workload: Workload
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per system that could not be measured."""
+        return [r.error or f"{r.label}: no run completed" for r in self.results if r.error or not r.runs]
 
 
 def check_bundles(paths: list[str]) -> list[dict]:
@@ -54,7 +63,9 @@ def check_bundles(paths: list[str]) -> list[dict]:
         if not (Path(p) / MANIFEST).is_file() and (Path(p) / "config.json").is_file():
             raise BundleError(f"{p} is a checkpoint, not a bundle; build one first: edgegpt export {p} --out BUNDLE "
                               f"(then edgegpt quantize BUNDLE --out ... --mode int8|int4 for the quantized ones)")
-        manifests.append(read_manifest(p))
+        m = read_manifest(p)
+        verify_files(p, m)  # a corrupt bundle fails here, in one line, not in a worker mid-benchmark
+        manifests.append(m)
     return manifests
 
 
@@ -91,6 +102,9 @@ def resolve_workload(name: Optional[str], prompt_tokens: Optional[int], new_toke
 def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None) -> BenchReport:
     if not cfg.bundles:
         raise BenchError("give at least one bundle dir")
+    check_int(cfg.runs, "runs", low=1, high=MAX_RUNS)
+    check_int(cfg.warmup, "warmup", low=0, high=MAX_RUNS)
+    check_int(cfg.workload.batch, "batch", low=1, high=MAX_BATCH)
     manifests = check_bundles(cfg.bundles)
     vocab = min(m["architecture"]["vocab_size"] for m in manifests)
     w = cfg.workload
@@ -162,7 +176,7 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
             "bundles": dict(zip(labels, cfg.bundles))}
     notes = report.notes(results) + report.peer_notes(results, systems) + (
         report.thread_notes(results, bases) if len(counts) > 1 else [])
-    return BenchReport(results, report.table(results, sizes, pct), notes, report.to_json(results, meta))
+    return BenchReport(results, report.table(results, sizes, pct), notes, report.to_json(results, meta), w)
 
 
 def thread_counts(threads: Optional[int] | tuple[int, ...]) -> tuple[Optional[int], ...]:
@@ -170,6 +184,8 @@ def thread_counts(threads: Optional[int] | tuple[int, ...]) -> tuple[Optional[in
     counts = (threads,) if threads is None or isinstance(threads, int) else tuple(threads)
     if not counts or any(t is not None and (not isinstance(t, int) or t < 1) for t in counts):
         raise BenchError(f"threads must be whole numbers >= 1, got {threads!r}")
+    for t in counts:
+        check_threads(t)
     if len(set(counts)) != len(counts):
         raise BenchError(f"threads: {threads!r} repeats a count")
     return counts
@@ -189,9 +205,13 @@ def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads
                  None)
     for b in cfg.baselines:
         if b == "torch":
-            src = cfg.checkpoint or manifests[0].get("source", {}).get("checkpoint")
+            # the manifest's record of its source is only named, never followed: a bundle must not make us
+            # read outside it
+            src = cfg.checkpoint
             if not src:
-                raise BenchError("--baseline torch needs the checkpoint the bundle came from: pass --checkpoint DIR")
+                recorded = manifests[0].get("source", {}).get("checkpoint")
+                raise BenchError("--baseline torch needs the checkpoint the bundle came from: pass --checkpoint DIR"
+                                 + (f" (the bundle records {recorded})" if isinstance(recorded, str) else ""))
             systems.append(TorchEager(src, threads))
             systems[-1].precision = "fp32"
         elif b == "optimum" or b == "genai":

@@ -141,7 +141,7 @@ def plot(results: list[Result], path: str | Path, title: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from edgegpt.bench.systems import BenchError
+        from edgegpt.errors import BenchError
 
         raise BenchError("--plot needs matplotlib: pip install 'edgegpt[plot]'") from None
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
@@ -162,3 +162,28 @@ def plot(results: list[Result], path: str | Path, title: str) -> None:
 
 def write_json(path: str | Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def render(rep, counts: tuple, provider: str, runs: int, warmup: int, settle: float, hugepages_setting: str) -> str:
+    """Everything `edgegpt bench` prints for a report (bench.BenchReport), as text."""
+    w, d = rep.workload, rep.data
+    lines = [f"{w.name}: batch {w.batch}, {w.prompt_tokens}-token prompt, exactly {w.new_tokens} new tokens (greedy, "
+             f"EOS ignored), {'/'.join(map(str, counts))} threads, {provider}; median of {runs} runs after {warmup} "
+             f"warm-up, {settle:g} s idle before each, interleaved; {d['machine']['cpu']}, onnxruntime "
+             f"{d['machine']['onnxruntime']}", rep.table]
+    for t, bw in d["bandwidth_by_threads"].items():
+        lines.append(f"bandwidth {bw['gb_per_s']} GB/s: the median of {bw['probes']} probes, one before each run "
+                     f"({bw['min']}-{bw['best']}; {bw['method']})")
+    if d["bound_tok_s"]:
+        lines.append("decode bound tok/s (weights + KV cache at the mean decode context): " + ", ".join(
+            f"{k} {v:.0f} ({d['bytes_per_token'][k]['weights'] / 1e6:.0f} + "
+            f"{d['bytes_per_token'][k]['kv_cache'] / 1e6:.1f} MB)" for k, v in d["bound_tok_s"].items()))
+    for r in rep.results:
+        if r.sweep:
+            lines.append(f"context sweep, {r.label}: " + ", ".join(f"{c}: {ms:.2f} ms/token"
+                                                                   for c, ms in sorted(r.sweep.items())))
+    huge = d["hugepages"]
+    lines.append("huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) for: " + (", ".join(huge) if huge else "none") + (
+        "" if huge or hugepages_setting == "none" else " (needs Linux, glibc >= 2.35 and transparent huge pages)"))
+    lines += [f"note: {n}" for n in rep.notes]
+    return "\n".join(lines)

@@ -16,11 +16,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Optional
 
-from edgegpt.errors import EdgeGPTError
-
-
-class BenchError(EdgeGPTError):
-    """A benchmark cannot run as asked (missing package, checkpoint instead of bundle, ...)."""
+from edgegpt.errors import BenchError
 
 
 # llama.cpp's general.file_type (gguf-py's LlamaFileType) for the precisions edgegpt ships

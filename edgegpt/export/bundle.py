@@ -13,19 +13,16 @@ from pathlib import Path
 from typing import Optional
 
 from edgegpt import __version__, contract
-from edgegpt.atomic import atomic_dir, check_output_dir
-from edgegpt.errors import ExportError
+from edgegpt.atomic import atomic_dir, check_free_space, check_output_dir
+from edgegpt.errors import ExportError, VerificationFailed
 from edgegpt.export.onnx_export import ExportOptions, export_graph
 from edgegpt.export.verify import verify_bundle
-from edgegpt.manifest import TOKENIZER_FILE, file_table, read_manifest, write_manifest
+from edgegpt.limits import check_int
+from edgegpt.manifest import TOKENIZER_FILE, file_table, read_manifest, verify_files, write_manifest
 from edgegpt.model.checkpoint import checkpoint_hash, config_to_hf, generation_config, load_checkpoint
 from edgegpt.model.gpt import GPTConfig
 
 log = logging.getLogger(__name__)
-
-
-class VerificationFailed(ExportError):
-    """The written bundle does not hold its tolerance (kept on disk only with keep_failed)."""
 
 
 def architecture(cfg: GPTConfig) -> dict:
@@ -76,13 +73,17 @@ def export_bundle(model_dir: str | Path, out: str | Path, options: ExportOptions
                   atol: Optional[float] = None) -> dict:
     """Export, verify and write the manifest. Returns the manifest; raises VerificationFailed."""
     model_dir, out = Path(model_dir), Path(out)
-    check_output_dir(out, overwrite=overwrite, what="bundle", inputs=(model_dir,))
     if options.external_data not in ("auto", "always", "never"):
         raise ExportError(f"external_data must be auto, always or never, got {options.external_data!r}")
+    check_int(decode_steps, "decode_steps", low=1, high=4096)
+    check_output_dir(out, overwrite=overwrite, what="bundle", inputs=(model_dir,))
     model, tok = load_checkpoint(model_dir)
     cfg = model.config
+    # the graph holds every fp32 weight once (the traced path stages two more copies inside the output's
+    # temporary folder): refuse a disk that cannot take it before tracing
+    check_free_space(out, 3 * model.num_params() * 4)
     failed = None
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=overwrite) as tmp:
         t0 = time.perf_counter()
         graph = export_graph(model, tmp, options)
         export_s = time.perf_counter() - t0
@@ -107,7 +108,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, options: ExportOptions
         manifest["size_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
         write_manifest(tmp, manifest)
         if not manifest["verification"]["passed"]:
-            failed = _failure(manifest["verification"])
+            failed = failure_message(manifest["verification"])
             if not keep_failed:
                 raise VerificationFailed(f"{failed}; the bundle was not written (pass --keep-failed to keep it)")
     if failed:
@@ -115,7 +116,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, options: ExportOptions
     return read_manifest(out)
 
 
-def _failure(v: dict) -> str:
+def failure_message(v: dict) -> str:
     return (f"parity check failed: max |logit diff| {v['max_abs_logit_diff']:.2e} (tolerance {v['tolerance']}), "
             f"greedy agreement {v['greedy_agreement']:.0%}")
 
@@ -123,8 +124,9 @@ def _failure(v: dict) -> str:
 def reverify(bundle: str | Path, model_dir: str | Path, *, decode_steps: int = 32, atol: Optional[float] = None,
              update: bool = False) -> dict:
     """`edgegpt verify`: re-run the parity check of a bundle against a checkpoint."""
-    model, tok = load_checkpoint(model_dir)
     manifest = read_manifest(bundle)
+    verify_files(bundle, manifest)
+    model, tok = load_checkpoint(model_dir)
     arch = architecture(model.config)
     if any(manifest["architecture"].get(k) != arch[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")):
         raise ExportError(f"{bundle} was exported from a different architecture than {model_dir}")

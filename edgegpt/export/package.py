@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from edgegpt.atomic import atomic_dir, check_output_dir
+from edgegpt.atomic import atomic_dir, check_output_dir, scratch_dir
 from edgegpt.errors import ExportError
-from edgegpt.manifest import file_table, read_manifest, write_manifest
+from edgegpt.limits import check_int
+from edgegpt.manifest import bundle_size, file_table, read_manifest, verify_files, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,9 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
     bundle, out = Path(bundle), Path(out)
     target = _target(target_name)
     manifest = read_manifest(bundle)
-    check_output_dir(out, overwrite=overwrite, what="package", inputs=(bundle,))
     want = choose_precision(target, precision)
+    if fixed_past is not None and target.mobile:
+        check_int(fixed_past, "fixed_past", low=1, high=manifest["max_context"] - 1)
     have = manifest["precision"]
     if have != want and have != "fp32":
         raise ExportError(f"{bundle} is {have}; the {target.name} package needs {want}: package the fp32 bundle it "
@@ -78,7 +79,9 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
     if manifest["graph"].get("external_data") and target.mobile:
         raise ExportError(f"{bundle} keeps its weights in external data; ORT-format mobile packages need a model "
                           f"under 2 GB in one file")
-    with tempfile.TemporaryDirectory(prefix="edgegpt-package-", dir=out.parent if out.parent.exists() else None) as work:
+    check_output_dir(out, overwrite=overwrite, what="package", inputs=(bundle,), need_bytes=bundle_size(bundle))
+    verify_files(bundle, manifest)
+    with scratch_dir(out) as work:
         src = bundle
         if have != want:
             from edgegpt.quantize.bundle import quantize_bundle
@@ -89,7 +92,7 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
             # an int8 KV cache runs on onnxruntime's CPU kernel: other targets keep fp32
             quantize_bundle(bundle, src, want, calibration=cal, force=force,
                             kv_cache=None if target.name == "cpu" else "fp32")
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, replace=overwrite) as tmp:
             for f in src.iterdir():
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)

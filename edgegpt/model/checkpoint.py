@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from edgegpt.atomic import atomic_dir, check_output_dir
+from edgegpt.atomic import atomic_dir, check_output_dir, match_umask
 from edgegpt.errors import CheckpointError
 from edgegpt.model.gpt import GPT, GPTConfig
 from edgegpt.model.tokenizer import load_tokenizer, save_tokenizer
@@ -39,16 +39,26 @@ def read_config(model_dir: Path) -> GPTConfig:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the checkpoint") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object of GPT2Config fields; "
+                              f"re-save the checkpoint")
     arch = raw.get("architectures") or []
     model_type = raw.get("model_type")
+    if not isinstance(arch, list) or not all(isinstance(a, str) for a in arch):
+        raise CheckpointError(f"{path}: architectures must be a list of names, got {arch!r}")
     if model_type != "gpt2" or (arch and not set(arch) & set(SUPPORTED_ARCHITECTURES)):
         found = arch[0] if arch else model_type
         raise CheckpointError(
             f"{model_dir} holds a {found!r} model; edgegpt supports GPT-2 family checkpoints "
             f"(model_type 'gpt2', {' / '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    if raw.get("scale_attn_by_inverse_layer_idx") or raw.get("reorder_and_upcast_attn"):
-        raise CheckpointError(f"{path}: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+    unsupported = [k for k in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
+                   if raw.get(k)]
+    if raw.get("scale_attn_weights", True) is False:
+        unsupported.append("scale_attn_weights=false")
+    if unsupported:
+        raise CheckpointError(f"{path}: {', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not "
+                              f"supported by edgegpt's GPT-2 export")
     if raw.get("tie_word_embeddings", True) is False:
         raise CheckpointError(f"{path}: untied LM heads are not supported (tie_word_embeddings=false)")
     try:
@@ -93,9 +103,13 @@ def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
                 from safetensors.torch import load_file
 
                 return load_file(str(path))
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            state = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickles code
         except Exception as e:  # corrupt file: safetensors / pickle errors vary by version
-            raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}); re-download or re-save it") from None
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {msg}); re-download or re-save it") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise CheckpointError(f"{path} does not hold a state dict of named tensors; re-save it")
+        return state
     raise CheckpointError(f"{model_dir} has no weights ({' or '.join(WEIGHT_FILES)})")
 
 
@@ -127,16 +141,18 @@ def load_model(model_dir: str | Path) -> GPT:
         raise CheckpointError(f"checkpoint dir {model_dir} does not exist")
     cfg = read_config(model_dir)
     state = hf_to_edgegpt(_read_state_dict(model_dir))
-    model = GPT(cfg)
-    expected = {k for k in model.state_dict() if k != "lm_head.weight"}
-    missing, unexpected = expected - state.keys(), state.keys() - expected
+    with torch.device("meta"):  # shapes only: a config that asks for more than the weights hold allocates nothing
+        expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
         detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
         raise CheckpointError(f"{model_dir}: weights do not match config.json ({detail})")
     for k, t in state.items():
-        want = model.state_dict()[k].shape
-        if tuple(t.shape) != tuple(want):
-            raise CheckpointError(f"{model_dir}: {k} has shape {tuple(t.shape)}, config.json implies {tuple(want)}")
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise CheckpointError(f"{model_dir}: {k} is not a floating-point tensor")
+        if tuple(t.shape) != expected[k]:
+            raise CheckpointError(f"{model_dir}: {k} has shape {tuple(t.shape)}, config.json implies {expected[k]}")
+    model = GPT(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     model.lm_head.weight = model.transformer.wte.weight  # keep the tie after loading
     return model.eval()
@@ -154,6 +170,7 @@ def write_checkpoint_files(model: GPT, tokenizer, dest: Path, extra_files: Optio
 
     dest = Path(dest)
     save_file(edgegpt_to_hf(model), str(dest / "model.safetensors"), metadata={"format": "pt"})
+    match_umask(dest / "model.safetensors")  # safetensors creates it 0600
     (dest / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
     (dest / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2) + "\n")
     save_tokenizer(tokenizer, dest, model_max_length=model.config.n_positions)
@@ -165,7 +182,7 @@ def save_checkpoint(model: GPT, tokenizer, out: str | Path, *, overwrite: bool =
     """Save atomically in the HF GPT-2 layout (transformers' GPT2LMHeadModel loads it unchanged)."""
     out = Path(out)
     check_output_dir(out, overwrite=overwrite, what="checkpoint")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=overwrite) as tmp:
         write_checkpoint_files(model, tokenizer, tmp)
     return out
 

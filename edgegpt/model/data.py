@@ -33,12 +33,24 @@ def read_text(source: str | Path) -> str:
             raise DataError(f"unknown built-in corpus {s!r}; available: {', '.join(BUILTIN_PREFIX + k for k in BUILTINS)}")
         return BUILTINS[name]()
     path = Path(s)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; pass the text files in it (e.g. --data {path}/*.txt)")
     if not path.is_file():
         raise DataError(f"text file {path} does not exist")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_nonempty(source: str | Path, what: str) -> str:
+    """read_text for a text the user gives for one purpose (calibration, evaluation): refuses an empty one
+    instead of falling back to a default."""
+    text = read_text(source)
+    if not text.strip():
+        raise DataError(f"the {what} text {source} is empty; give text like your prompts (or leave the option out "
+                        f"for the built-in default)")
+    return text
 
 
 def read_corpus(sources: Sequence[str | Path]) -> list[str]:

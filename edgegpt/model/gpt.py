@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgegpt.errors import CheckpointError
+from edgegpt.errors import ArgumentError, CheckpointError
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -43,6 +43,20 @@ class GPTConfig:
     eos_token_id: int = 50256
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise CheckpointError(f"config {name} must be a positive integer, got {v!r}")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool)
+                                         or self.n_inner <= 0):
+            raise CheckpointError(f"config n_inner must be a positive integer or null, got {self.n_inner!r}")
+        eps = self.layer_norm_epsilon
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise CheckpointError(f"config layer_norm_epsilon must be a small positive number, got {eps!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise CheckpointError(f"config {name} must be a token id (a whole number >= 0) or null, got {v!r}")
         if self.n_embd % self.n_head:
             raise CheckpointError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.activation_function not in ACTIVATIONS:
@@ -50,9 +64,6 @@ class GPTConfig:
                 f"activation_function {self.activation_function!r} is not supported; "
                 f"use one of {sorted(ACTIVATIONS)}"
             )
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if int(getattr(self, name)) <= 0:
-                raise CheckpointError(f"config {name} must be positive, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -195,7 +206,7 @@ class GPT(nn.Module):
         B, T = input_ids.shape
         past_len = 0 if past is None else past[0][0].shape[2]
         if not torch.jit.is_tracing() and past_len + T > self.config.n_positions:
-            raise ValueError(
+            raise ArgumentError(
                 f"context of {past_len + T} tokens exceeds the model's n_positions={self.config.n_positions}"
             )
         if attention_mask is None:

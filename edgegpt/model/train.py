@@ -18,10 +18,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from edgegpt.atomic import atomic_dir, check_output_dir
-from edgegpt.errors import CheckpointError, DataError, OutputExistsError
+from edgegpt.atomic import KIND_MARKERS, atomic_dir, check_output_dir, check_writable, describe_contents
+from edgegpt.errors import ArgumentError, CheckpointError, DataError, OutputExistsError
+from edgegpt.limits import check_int, check_memory
 from edgegpt.model.checkpoint import load_checkpoint, write_checkpoint_files
-from edgegpt.model.data import read_corpus
+from edgegpt.model.data import BUILTIN_PREFIX, read_corpus
 from edgegpt.model.gpt import GPT, GPTConfig
 from edgegpt.model.tokenizer import eos_id, train_tokenizer
 
@@ -37,6 +38,9 @@ PRESETS: dict[str, dict] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257),
 }
 DIMS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+DEFAULT_WARMUP = 30
+# What training holds per parameter: fp32 weights, gradients and AdamW's two moments.
+TRAIN_BYTES_PER_PARAM = 16
 
 
 @dataclass
@@ -54,7 +58,7 @@ class TrainConfig:
     max_steps: int = 300
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup_steps: int = 30
+    warmup_steps: Optional[int] = None  # default: min(30, max_steps // 10)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     val_fraction: float = 0.05
@@ -75,6 +79,38 @@ class TrainConfig:
         dims.update({k: getattr(self, k) for k in DIMS if getattr(self, k) is not None})
         return GPTConfig(**dims)
 
+    @property
+    def warmup(self) -> int:
+        """Warmup steps: as given, or 10% of the run up to 30."""
+        return self.warmup_steps if self.warmup_steps is not None else min(DEFAULT_WARMUP, self.max_steps // 10)
+
+    def validate(self) -> None:
+        """Every number in range and every combination valid, before any work starts."""
+        check_int(self.max_steps, "max_steps", low=1)
+        check_int(self.batch_size, "batch_size", low=1, high=65536)
+        check_int(self.seed, "seed", low=0)
+        for name in ("eval_interval", "checkpoint_interval", "eval_batches"):
+            check_int(getattr(self, name), name, low=0 if name != "eval_batches" else 1)
+        if self.warmup_steps is not None:
+            check_int(self.warmup_steps, "warmup_steps", low=0)
+            if self.warmup_steps > self.max_steps:
+                raise ArgumentError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
+        for k in DIMS + ("block_size",):
+            if getattr(self, k) is not None:
+                check_int(getattr(self, k), k, low=2 if k in ("n_positions", "block_size") else 1)
+        for name, low in (("lr", 0.0), ("min_lr", 0.0), ("weight_decay", 0.0), ("grad_clip", 0.0)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < low:
+                raise ArgumentError(f"{name} must be a finite number >= {low:g}, got {v!r}")
+        if not self.lr > 0:
+            raise ArgumentError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.val_fraction < 1:
+            raise ArgumentError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.resume and self.overwrite:
+            raise ArgumentError("resume and overwrite contradict each other; pick one")
+        if self.resume and self.init:
+            raise ArgumentError("resume continues the run in out; init starts a new one from a checkpoint: pick one")
+
 
 @dataclass
 class TrainResult:
@@ -87,12 +123,20 @@ class TrainResult:
     n_params: int
 
 
+def _param_count(c: GPTConfig) -> int:
+    """Parameters of a GPT of this shape (the tied head counted once), without building it."""
+    C, inner = c.n_embd, c.inner_dim
+    block = 4 * C + (3 * C * C + 3 * C) + (C * C + C) + (C * inner + inner) + (inner * C + C)
+    return (c.vocab_size + c.n_positions) * C + c.n_layer * block + 2 * C
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    warmup = cfg.warmup
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, cfg.max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -149,23 +193,49 @@ def evaluate(model: GPT, val: np.ndarray, block_size: int, batch_size: int, n_ba
     return float(np.mean(losses))
 
 
+def _load_state(out: Path) -> dict:
+    """training_state.pt, read without unpickling code (weights_only) and checked."""
+    path = out / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors all mean "not a state we wrote"
+        detail = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise CheckpointError(f"--resume: {path} is not a training state edgegpt wrote (truncated, or holds objects "
+                              f"other than tensors and plain data: {detail}); train again with --overwrite") from None
+    want = {"step": int, "optimizer": dict, "torch_rng": torch.Tensor}
+    bad = [k for k, t in want.items() if not isinstance(state, dict) or not isinstance(state.get(k), t)]
+    if bad:
+        raise CheckpointError(f"--resume: {path} lacks {', '.join(bad)}; it was not written by edgegpt train: "
+                              f"train again with --overwrite")
+    return state
+
+
+def _holds_checkpoint(out: Path) -> bool:
+    return any((out / m).is_file() for m in KIND_MARKERS["checkpoint"])
+
+
 def _prepare_out(cfg: TrainConfig) -> Optional[dict]:
-    """Check the output dir; return the saved training state when resuming."""
+    """Check the output dir before any work; return the saved training state when resuming."""
     out = Path(cfg.out)
-    holds_checkpoint = (out / "config.json").exists() or (out / STATE_FILE).exists()
     if cfg.resume:
         if not (out / STATE_FILE).is_file():
             raise CheckpointError(f"--resume: {out} has no {STATE_FILE}; train without --resume first")
-        return torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
-    if out.exists() and (holds_checkpoint or any(out.iterdir())) and not cfg.overwrite:
-        raise OutputExistsError(f"{out} already holds a checkpoint; pass --resume to continue or --overwrite to replace it")
-    if cfg.init and Path(cfg.init).resolve() == out.resolve():
-        raise OutputExistsError(f"--out {out} is the --init checkpoint; choose a different --out")
-    check_output_dir(out, overwrite=True, what="checkpoint")
+        check_writable(out)
+        return _load_state(out)
+    inputs = [Path(cfg.init)] if cfg.init else []
+    inputs += [Path(d) for d in cfg.data if not str(d).startswith(BUILTIN_PREFIX)]
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        if _holds_checkpoint(out):
+            raise OutputExistsError(f"{out} already holds a checkpoint; pass --resume to continue or --overwrite "
+                                    f"to replace it")
+        raise OutputExistsError(f"{out} is not empty and holds no checkpoint ({describe_contents(out)}); choose a new "
+                                f"or empty --out")
+    check_output_dir(out, overwrite=True, what="checkpoint", inputs=inputs)
     return None
 
 
 def _save(model: GPT, tok, opt, step: int, cfg: TrainConfig, val_loss: float) -> None:
+    """The checkpoint plus what --resume needs, all tensors and plain data (loads with weights_only)."""
     buf = io.BytesIO()
     state = {"step": step, "optimizer": opt.state_dict(), "train_config": dataclasses.asdict(cfg),
              "model_config": model.config.to_dict(), "val_loss": val_loss,
@@ -176,6 +246,11 @@ def _save(model: GPT, tok, opt, step: int, cfg: TrainConfig, val_loss: float) ->
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    cfg.validate()
+    if cfg.init is None and not cfg.resume:
+        planned = cfg.model_config()
+        check_memory(TRAIN_BYTES_PER_PARAM * _param_count(planned), f"training a {_param_count(planned) / 1e6:,.0f}M "
+                     f"parameter model", "choose a smaller preset or --n-layer / --n-embd")
     rank, world = _distributed()
     state = _prepare_out(cfg)
     torch.manual_seed(cfg.seed)

@@ -10,16 +10,16 @@ import contextlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 from edgegpt import __version__
-from edgegpt.atomic import atomic_dir, check_output_dir
-from edgegpt.errors import QuantizeError
-from edgegpt.manifest import file_table, read_manifest, write_manifest
+from edgegpt.atomic import atomic_dir, check_output_dir, scratch_dir
+from edgegpt.errors import DataError, QuantizeError
+from edgegpt.limits import check_int
+from edgegpt.manifest import MODEL_FILE, bundle_file, bundle_size, file_table, read_manifest, verify_files, write_manifest
 from edgegpt.quantize.evaluate import calibration_text, decode_path, decode_paths, default_eval_text, evaluate
 from edgegpt.quantize.recipes import RECIPES
 
@@ -83,7 +83,6 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
     (``_check_int8_cache``); ``"fp32"`` never does."""
     src, out = Path(src), Path(out)
     manifest = read_manifest(src)
-    check_output_dir(out, overwrite=overwrite, what="bundle", inputs=(src,))
     recipe = make_recipe(mode, options)
     if manifest["precision"] != "fp32":
         raise QuantizeError(f"{src} is already {manifest['precision']}; quantizing it again to {mode} compounds the "
@@ -112,21 +111,28 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
     if kv_int8 and not shared:
         raise QuantizeError(f"{src} has a concat KV cache; an int8 cache needs the shared buffer: "
                             f"re-export with --kv-cache shared")
+    if eval_text is not None and not eval_text.strip():
+        raise DataError("the evaluation text is empty; give a text of a few thousand tokens (or none, for the "
+                        "held-out tail of builtin:pydoc)")
+    if calibration is not None and not calibration.strip():
+        raise DataError("the calibration text is empty; give text like your prompts (or none, for builtin:pydoc)")
+    check_int(eval_tokens, "eval_tokens", low=2)
+    check_output_dir(out, overwrite=overwrite, what="bundle", inputs=(src,), need_bytes=bundle_size(src))
+    verify_files(src, manifest)
     text = eval_text if eval_text is not None else default_eval_text()
     budget = recipe.budget_pct if max_ppl_increase is None else max_ppl_increase
-    with atomic_dir(out) as tmp, contextlib.ExitStack() as stack:
+    with atomic_dir(out, replace=overwrite) as tmp, contextlib.ExitStack() as stack:
         for name in SIDE_FILES:
-            if (src / name).is_file():
+            if bundle_file(src, name).is_file():
                 shutil.copy2(src / name, tmp / name)
         t0 = time.perf_counter()
-        info = recipe.apply(src / manifest["graph"]["file"], tmp / "model.onnx", calibration=calibration)
+        info = recipe.apply(bundle_file(src, manifest["graph"]["file"]), tmp / MODEL_FILE, calibration=calibration)
         kv_dtype = recipe.kv_dtype
         if kv_int8:
             from edgegpt.quantize.kvcache import MARGIN, apply_int8_kv, calibrate
 
             # the weights alone, beside the output, to measure what the int8 cache adds on top of them
-            weights_only = Path(tempfile.mkdtemp(prefix=f".{out.name}.weights-", dir=tmp.parent))
-            stack.callback(shutil.rmtree, weights_only, True)
+            weights_only = stack.enter_context(scratch_dir(out))
             shutil.copy2(tmp / "model.onnx", weights_only / "model.onnx")
             k_scale, v_scale, seen = calibrate(src, calibration_text(calibration))
             apply_int8_kv(tmp / "model.onnx", k_scale, v_scale)

@@ -49,7 +49,9 @@ def default_eval_text(max_chars: int = 40_000) -> str:
 
 def calibration_text(text: Optional[str]) -> str:
     """The user's text, or builtin:pydoc without its held-out tail (which quality is measured on)."""
-    if text:
+    if text is not None:
+        if not text.strip():
+            raise DataError("the calibration text is empty; give text like your prompts (or none, for builtin:pydoc)")
         return text
     from edgegpt.model.data import builtin_pydoc
 

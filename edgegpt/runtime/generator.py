@@ -13,6 +13,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from edgegpt.errors import ArgumentError
+from edgegpt.limits import check_int
 from edgegpt.runtime.sampling import SamplingParams, screen_margin, select_next
 from edgegpt.runtime.session import ModelSession
 from edgegpt.runtime.text import IncrementalDecoder, StopStrings, load_bundle_tokenizer
@@ -39,6 +41,34 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return ids, mask
 
 
+def _token_rows(prompts: object) -> list[list[int]]:
+    """Prompts of token ids as lists of ints, or an ArgumentError naming what was given instead."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not isinstance(prompts, np.ndarray):
+        raise ArgumentError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    rows = []
+    for p in prompts:
+        if isinstance(p, (str, bytes)) or not (isinstance(p, Sequence) or isinstance(p, np.ndarray)):
+            raise ArgumentError(f"each prompt must be a list of token ids, got {type(p).__name__}")
+        row = []
+        for t in p:
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+                raise ArgumentError(f"token ids must be whole numbers, got {t!r}")
+            row.append(int(t))
+        rows.append(row)
+    return rows
+
+
+def _stop_strings(stop: object) -> tuple[str, ...]:
+    """One stop string or several; a plain string is one stop string, not its characters."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ArgumentError(f"stop must be a string or a list of strings, got {stop!r}")
+    return tuple(stop)
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens a and b share."""
     n = min(len(a), len(b))
@@ -58,9 +88,11 @@ class Generator:
         self.max_context = session.max_context
         eos = session.eos_token_id
         self.eos_token_id = eos
-        self.pad_token_id = session.pad_token_id if session.pad_token_id is not None else (eos or 0)
+        pad = session.pad_token_id if session.pad_token_id is not None else eos
+        # GPT-2 configs keep eos 50256 even for smaller vocabularies; padding must be a row of the table
+        self.pad_token_id = pad if pad is not None and pad < session.vocab_size else 0
         if prompt_cache and not session.kv_capacity:
-            raise ValueError(f"prompt_cache needs a bundle with a shared KV buffer; {session.bundle} keeps a "
+            raise ArgumentError(f"prompt_cache needs a bundle with a shared KV buffer; {session.bundle} keeps a "
                              f"growing one: re-export with `edgegpt export MODEL --kv-cache shared`")
         self.prompt_cache = prompt_cache
         self._cache = None  # the kept KVCache; its positions 0..n-1 hold the K/V of _cached[:_cached_n]
@@ -72,10 +104,11 @@ class Generator:
     def load(cls, bundle: str | Path, provider: str = "cpu", threads: Optional[int] = None, *,
              fallback: bool = False, provider_options: Optional[dict] = None, spinning: bool = True,
              optimization: str = "all", session_config: Optional[dict] = None,
-             prompt_cache: bool = False) -> "Generator":
+             prompt_cache: bool = False, verify_files: bool = False) -> "Generator":
+        """verify_files: check every file of the bundle against its manifest's sha256 first."""
         session = ModelSession(bundle, provider=provider, threads=threads, fallback=fallback,
                                provider_options=provider_options, spinning=spinning, optimization=optimization,
-                               session_config=session_config)
+                               session_config=session_config, verify_files=verify_files)
         return cls(session, load_bundle_tokenizer(bundle), prompt_cache=prompt_cache)
 
     def clear_prompt_cache(self) -> None:
@@ -86,26 +119,27 @@ class Generator:
 
     def _check_prompts(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[int]]:
         if not prompts:
-            raise ValueError("no prompts given")
+            raise ArgumentError("no prompts given")
+        self.session.check_memory(len(prompts), self.max_context, max(len(p) for p in prompts))
         if any(len(p) == 0 for p in prompts):
-            raise ValueError("a prompt tokenizes to no tokens; give at least one token of text")
+            raise ArgumentError("a prompt tokenizes to no tokens; give at least one token of text")
         if cfg.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+            raise ArgumentError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
         if cfg.max_new_tokens >= self.max_context:
-            raise ValueError(f"max_new_tokens ({cfg.max_new_tokens}) must be below the model's context of "
+            raise ArgumentError(f"max_new_tokens ({cfg.max_new_tokens}) must be below the model's context of "
                              f"{self.max_context} tokens")
         room = self.max_context - cfg.max_new_tokens
         longest = max(len(p) for p in prompts)
         if longest > room:
             if not cfg.truncate_prompt:
-                raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
+                raise ArgumentError(f"prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
                                  f"model's context of {self.max_context} tokens; shorten the prompt, lower "
                                  f"max_new_tokens, or pass truncate_prompt=True to keep the last {room} prompt tokens")
             prompts = [p[-room:] for p in prompts]
         vocab = self.session.vocab_size
         for p in prompts:
             if min(p) < 0 or max(p) >= vocab:
-                raise ValueError(f"token ids must be in [0, {vocab}); got {min(p)}..{max(p)}")
+                raise ArgumentError(f"token ids must be in [0, {vocab}); got {min(p)}..{max(p)}")
         return prompts
 
     def _stop_ids(self, cfg: GenerationConfig) -> set[int]:
@@ -118,9 +152,9 @@ class Generator:
     def iter_ids(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> Iterator[np.ndarray]:
         """Yield the next token of every row, (B,) int64, once per step; rows that finished
         (eos / stop token) yield pad_token_id. Stops when every row has finished."""
-        prompts = self._check_prompts([list(map(int, p)) for p in prompts], cfg)
+        prompts = self._check_prompts(_token_rows(prompts), cfg)
         if self.session.kv_capacity and len({len(p) for p in prompts}) > 1:
-            raise ValueError("this bundle's shared KV buffer takes no padding: give prompts of one length per call "
+            raise ArgumentError("this bundle's shared KV buffer takes no padding: give prompts of one length per call "
                              "(generate_ids / generate run them one at a time)")
         params = cfg.params
         stop_arr = np.array(sorted(self._stop_ids(cfg)), dtype=np.int64)
@@ -173,7 +207,8 @@ class Generator:
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, **kw) -> list[list[int]]:
         """New ids per prompt; a row ends at (and includes) its first stop/eos token."""
-        cfg = self._config(max_new_tokens, **kw)
+        cfg = self.make_config(max_new_tokens, **kw)
+        prompts = _token_rows(prompts)
         if self.session.kv_capacity and len({len(p) for p in prompts}) > 1:
             return [self.generate_ids([p], max_new_tokens, **kw)[0] for p in prompts]
         rows: list[list[int]] = [[] for _ in prompts]
@@ -188,14 +223,25 @@ class Generator:
 
     # -- text API ---------------------------------------------------------------------------
 
-    def _config(self, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+    def make_config(self, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 repetition_penalty: float = 1.0, seed: Optional[int] = None,
                 stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                 truncate_prompt: bool = False) -> GenerationConfig:
+        check_int(max_new_tokens, "max_new_tokens", low=1)
+        stop_ids = (stop_token_ids,) if isinstance(stop_token_ids, int) else stop_token_ids
         return GenerationConfig(max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty, seed),
-                                tuple(stop_token_ids), ignore_eos, truncate_prompt)
+                                tuple(_token_rows([stop_ids])[0]), bool(ignore_eos), bool(truncate_prompt))
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``: a str of valid Unicode (text read with errors='surrogateescape' from a
+        non-UTF-8 source is refused by name)."""
+        if not isinstance(text, str):
+            raise ArgumentError(f"the prompt must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ArgumentError(f"the prompt is not valid UTF-8 text (undecodable byte at character {e.start}); "
+                                f"give UTF-8 text") from None
         return self.tokenizer.encode(text).ids
 
     def stream(self, prompt: str, max_new_tokens: int = 64, *, stop: Sequence[str] = (), **kw) -> Iterator[str]:
@@ -209,8 +255,8 @@ class Generator:
         """stream() for a prompt of token ids, also yielding each new token: (text, id) per token, where
         the text may be empty while a partial character or a possible stop string is held back; a held-back
         tail comes last as (text, None). The token that completes a stop string is the last id yielded."""
-        cfg = self._config(max_new_tokens, **kw)
-        decoder, stops = IncrementalDecoder(self.tokenizer), StopStrings(stop)
+        cfg = self.make_config(max_new_tokens, **kw)
+        decoder, stops = IncrementalDecoder(self.tokenizer), StopStrings(_stop_strings(stop))
         special = {self.eos_token_id} if self.eos_token_id is not None else set()
         for nxt in self.iter_ids([list(prompt_ids)], cfg):
             t = int(nxt[0])
@@ -228,6 +274,9 @@ class Generator:
         """Generated text (without the prompt) for one prompt, or a list for a batch."""
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, max_new_tokens, stop=stop, **kw))
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ArgumentError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}"[:200])
+        stop = _stop_strings(stop)
         rows = self.generate_ids([self.encode(p) for p in prompt], max_new_tokens, **kw)
         out = []
         for row in rows:

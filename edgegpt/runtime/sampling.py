@@ -10,6 +10,8 @@ from typing import Optional
 
 import numpy as np
 
+from edgegpt.errors import ArgumentError
+
 # top-p looks at this many best candidates first (argpartition, O(V)); only when they hold less
 # than top_p of the mass does it sort the whole vocabulary. Exact either way.
 _TOP_P_CANDIDATES = 256
@@ -26,14 +28,20 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise ArgumentError(f"{name} must be a number, got {v!r}")
         if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise ArgumentError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if int(self.top_k) != self.top_k or self.top_k < 0:
-            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k}")
+            raise ArgumentError(f"top_k must be a non-negative integer (0 = off), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ArgumentError(f"top_p must be in (0, 1], got {self.top_p}")
         if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+            raise ArgumentError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise ArgumentError(f"seed must be a whole number >= 0 (or None), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

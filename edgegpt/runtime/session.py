@@ -12,8 +12,9 @@ import numpy as np
 import onnxruntime as ort
 
 from edgegpt import contract
-from edgegpt.errors import BundleError
-from edgegpt.manifest import read_manifest
+from edgegpt.errors import ArgumentError, BundleError
+from edgegpt.limits import check_memory, check_threads
+from edgegpt.manifest import bundle_file, read_manifest, verify_files as check_files
 from edgegpt.runtime import providers as prov
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,9 @@ def session_options(threads: Optional[int] = None, *, spinning: bool = True, opt
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
     if optimization not in levels:
-        raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+        raise ArgumentError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
     so.graph_optimization_level = levels[optimization]
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+    if check_threads(threads) is not None:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -62,9 +61,13 @@ class ModelSession:
 
     def __init__(self, bundle: str | Path, *, provider: str = "cpu", threads: Optional[int] = None,
                  fallback: bool = False, provider_options: Optional[dict] = None, spinning: bool = True,
-                 optimization: str = "all", session_config: Optional[dict] = None):
+                 optimization: str = "all", session_config: Optional[dict] = None, verify_files: bool = False):
+        """verify_files: check every file against the sha256 its manifest records before loading
+        (reads the whole bundle once: about a second for GPT-2 small's 500 MB)."""
         self.bundle = Path(bundle)
         self.manifest = m = read_manifest(self.bundle)
+        if verify_files:
+            check_files(self.bundle, m)
         arch = m["architecture"]
         self.n_layer, self.n_head, self.head_dim = arch["n_layer"], arch["n_head"], arch["head_dim"]
         self.vocab_size, self.max_context = arch["vocab_size"], m["max_context"]
@@ -79,10 +82,13 @@ class ModelSession:
         self.last_logits_only = bool(options.get("last_logits_only"))
         # shared: past and present are one fixed-capacity buffer per layer, updated in place
         self.kv_capacity = options.get("kv_capacity") if options.get("shared_kv_buffer") else None
+        if self.kv_capacity is not None and self.kv_capacity != self.max_context:
+            raise BundleError(f"{self.bundle}: edgegpt.json's kv_capacity ({self.kv_capacity!r}) is not its max_context "
+                              f"({self.max_context}); re-run `edgegpt export`")
         self.provider, plist = prov.resolve(provider, fallback=fallback, options=provider_options)
         self.device = prov.DEVICE.get(self.provider, "cpu")
         so = session_options(threads, spinning=spinning, optimization=optimization, config=session_config)
-        path = self.bundle / m["graph"]["file"]
+        path = bundle_file(self.bundle, m["graph"]["file"], "graph.file")
         # On CPU keep LayerNorm(x + bias + residual) as Add, Add, LayerNormalization: onnxruntime's
         # fusion into SkipLayerNormalization makes it ~5x slower there (see export/fused.py).
         disabled = CPU_DISABLED_OPTIMIZERS if self.provider == "cpu" else []
@@ -97,18 +103,55 @@ class ModelSession:
         self._past_names = contract.past_names(self.n_layer)
         self._present_names = contract.present_names(self.n_layer)
         self._output_names = contract.output_names(self.n_layer)
+        self._probe()
 
     def _check_graph(self, io: dict) -> None:
-        """The graph must have exactly the manifest's inputs and outputs, with its dtypes."""
-        graph = {x.name: x.type for x in self.session.get_inputs() + self.session.get_outputs()}
-        if set(graph) != set(io):
-            extra = sorted(set(graph) ^ set(io))[:3]
+        """The graph must have exactly the manifest's inputs and outputs, with its dtypes, and the
+        fixed dimensions of the KV cache and the logits must be the manifest's."""
+        values = {x.name: x for x in self.session.get_inputs() + self.session.get_outputs()}
+        if set(values) != set(io):
+            extra = sorted(set(values) ^ set(io))[:3]
             raise BundleError(f"{self.bundle}: the graph's inputs/outputs do not match edgegpt.json ({extra}); "
                               f"re-run `edgegpt export`")
         for name, spec in io.items():
-            if graph[name] != ORT_TYPES[spec["dtype"]]:
-                raise BundleError(f"{self.bundle}: {name} is {graph[name]} in the graph but {spec['dtype']} in "
+            if values[name].type != ORT_TYPES[spec["dtype"]]:
+                raise BundleError(f"{self.bundle}: {name} is {values[name].type} in the graph but {spec['dtype']} in "
                                   f"edgegpt.json; re-run `edgegpt export`")
+        want = {1: ("n_head", self.n_head), 3: ("head_dim", self.head_dim)}
+        for name in contract.past_names(self.n_layer) + contract.present_names(self.n_layer):
+            shape = values[name].shape
+            for axis, (what, n) in want.items():
+                if len(shape) != 4 or (isinstance(shape[axis], int) and shape[axis] != n):
+                    raise BundleError(f"{self.bundle}: {name} has shape {shape} in the graph, but edgegpt.json says "
+                                      f"{what} {n}; re-run `edgegpt export`")
+        vocab = values[contract.LOGITS].shape[-1]
+        if isinstance(vocab, int) and vocab != self.vocab_size:
+            raise BundleError(f"{self.bundle}: the graph's logits cover {vocab} tokens, edgegpt.json says vocab_size "
+                              f"{self.vocab_size}; re-run `edgegpt export`")
+
+    def _probe(self) -> None:
+        """One token at the last position the manifest allows: a context (max_context) that the graph's
+        position table cannot hold fails here, at load, instead of mid-generation. It also does the first
+        run's allocations a generation would otherwise pay for at its first step."""
+        cache = KVCache(self, 1, slots=1)
+        pos = np.array([[self.max_context - 1]], np.int64)
+        try:
+            cache.step(np.zeros((1, 1), np.int64), np.ones((1, 1), np.int64), pos)
+        except BundleError as e:
+            raise BundleError(f"{e}; edgegpt.json's max_context ({self.max_context}) may exceed what the graph holds")\
+                from None
+
+    def kv_bytes(self, batch: int, slots: Optional[int] = None) -> int:
+        """Bytes of the KV cache of ``batch`` rows over ``slots`` tokens (default: the model's context)."""
+        n = slots or self.max_context
+        return 2 * self.n_layer * batch * self.n_head * n * self.head_dim * np.dtype(self.kv_dtype).itemsize
+
+    def check_memory(self, batch: int, slots: Optional[int] = None, prompt_tokens: int = 0) -> None:
+        """Refuse a generation whose KV cache and logits cannot fit in the memory available."""
+        rows = batch * (1 if self.last_logits_only else max(1, prompt_tokens))
+        need = self.kv_bytes(batch, slots) + 4 * rows * self.vocab_size
+        check_memory(need, f"a KV cache of {batch} rows x {slots or self.max_context} tokens",
+                     "lower the batch size, the prompt length or max_new_tokens")
 
     def empty_past_numpy(self, batch: int, slots: Optional[int] = None) -> np.ndarray:
         """Zeros for every past input before the first step: 0 slots (concat layout), or a shared
@@ -155,6 +198,8 @@ class KVCache:
 
     def __init__(self, session: ModelSession, batch: int, past: Optional[list[ort.OrtValue]] = None,
                  slots: Optional[int] = None):
+        if past is None:
+            session.check_memory(batch, slots)
         self.s = session
         self.binding = session.session.io_binding()
         self.past = past if past is not None else session.empty_past(batch, slots)
@@ -207,7 +252,12 @@ class KVCache:
             # concat: fresh presents every step; every-position logits: a fresh (tokens, vocab) output
             # each multi-token step (onnxruntime would reuse the last one, of the last step's shape)
             self._bind_outputs(one_row)
-        s.session.run_with_iobinding(b)
+        try:
+            s.session.run_with_iobinding(b)
+        except Exception as e:  # onnxruntime's Fail / InvalidArgument / RuntimeException: the graph is not what
+            # its manifest says (a correct bundle never fails a step with inputs the runtime checked)
+            raise BundleError(f"{s.bundle}: onnxruntime failed to run the graph ({str(e).splitlines()[0][:200]}); "
+                              f"the bundle does not match its edgegpt.json: re-run `edgegpt export`") from None
         if one_row and s.kv_capacity:
             logits = self._logits[:, -1, :]
         else:

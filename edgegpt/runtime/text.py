@@ -7,12 +7,12 @@ from typing import Sequence
 
 from tokenizers import Tokenizer
 
-from edgegpt.errors import BundleError
-from edgegpt.manifest import TOKENIZER_FILE
+from edgegpt.errors import ArgumentError, BundleError
+from edgegpt.manifest import TOKENIZER_FILE, bundle_file
 
 
 def load_bundle_tokenizer(bundle: str | Path) -> Tokenizer:
-    path = Path(bundle) / TOKENIZER_FILE
+    path = bundle_file(bundle, TOKENIZER_FILE)
     if not path.is_file():
         raise BundleError(f"{bundle} has no {TOKENIZER_FILE}; re-run `edgegpt export`")
     try:
@@ -56,8 +56,9 @@ class StopStrings:
     """Cuts text at the first stop string, holding back any tail that could start one."""
 
     def __init__(self, stops: Sequence[str]):
-        if any(not s for s in stops):
-            raise ValueError("stop strings must be non-empty")
+        stops = (stops,) if isinstance(stops, str) else tuple(stops)
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ArgumentError("stop strings must be non-empty")
         self.stops = list(stops)
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.buffer = ""

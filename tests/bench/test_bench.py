@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from edgegpt.bench.bench import BenchConfig, run_bench
 from edgegpt.bench.harness import reduce_run
 from edgegpt.bench.roofline import BandwidthProbe, weight_bytes_per_token
-from edgegpt.bench.systems import BenchError
+from edgegpt.errors import BenchError
 from edgegpt.bench.workloads import WORKLOADS, Workload
 from edgegpt.cli import main
 from edgegpt.errors import BundleError
@@ -42,10 +42,10 @@ def test_workloads_match_design_and_prompts_are_fixed():
     assert WORKLOADS["W1"].prompt_ids(50257) == WORKLOADS["W1"].prompt_ids(50257)
 
 
-def test_bench_measures_bundles_and_torch_baseline(bundle):
+def test_bench_measures_bundles_and_torch_baseline(bundle, hf_checkpoint):
     pytest.importorskip("transformers")
     cfg = BenchConfig([str(bundle), str(bundle)], Workload("t", 16, 12), threads=1, warmup=1, runs=2,
-                      baselines=("torch",), sweep=[16, 48])
+                      baselines=("torch",), checkpoint=str(hf_checkpoint("distil-like")), sweep=[16, 48])
     rep = run_bench(cfg)
     assert [r.kind for r in rep.results] == ["edgegpt", "edgegpt", "torch"]
     for r in rep.results:

@@ -10,7 +10,7 @@ from edgegpt.model import load_checkpoint
 from edgegpt.model.train import STATE_FILE, TrainConfig, lr_at, train
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=512, block_size=32, batch_size=8,
-            warmup_steps=5, eval_interval=0, eval_batches=2, progress=False)
+            warmup_steps=1, eval_interval=0, eval_batches=2, progress=False)
 
 
 def test_trained_model_learns_and_loads_in_transformers(trained_checkpoint):

@@ -50,7 +50,7 @@ def test_prompts_of_different_lengths_run_one_at_a_time(shared):
     prompts = ["The try statement", "A"]
     assert gen.generate(prompts, 8, ignore_eos=True) == [gen.generate(p, 8, ignore_eos=True) for p in prompts]
     with pytest.raises(ValueError, match="takes no padding"):
-        next(gen.iter_ids([[1, 2], [3]], gen._config(4)))
+        next(gen.iter_ids([[1, 2], [3]], gen.make_config(4)))
 
 
 def test_perplexity_is_the_same_as_the_concat_bundle(shared, hf_checkpoint, tmp_path):
