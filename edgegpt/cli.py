@@ -26,10 +26,11 @@ def _cli_words(message: str) -> str:
     if ctx is None:
         return message
     for p in ctx.command.params:
-        if isinstance(p, click.Option) and p.name and "_" in p.name:
+        if isinstance(p, click.Option) and p.name:
             flag = max(p.opts, key=len)
             message = re.sub(rf"\b{p.name}=True\b", flag, message)
-            message = re.sub(rf"(?<![-\w]){p.name}\b", flag, message)
+            # snake_case names anywhere; a one-word name only where the message starts with it
+            message = re.sub(rf"(?<![-\w]){p.name}\b" if "_" in p.name else rf"^{p.name}\b", flag, message)
     return message
 
 
@@ -77,7 +78,7 @@ def _generator(path: str, provider: str, threads, fallback: bool, verify: bool):
 
         return Generator.load(path, provider=provider, threads=threads, fallback=fallback, verify_files=verify)
     if provider != "cpu" or fallback or verify:
-        raise click.UsageError("--provider, --fallback and --verify apply to bundles; export the checkpoint first")
+        raise click.ClickException("--provider, --fallback and --verify apply to bundles; export the checkpoint first")
     from edgegpt.model.generate import checkpoint_generator
 
     return checkpoint_generator(path, threads)
@@ -373,8 +374,8 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
 
 @main.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--workload", type=click.Choice(["W1", "W2", "W3"], case_sensitive=False), default=None,
-              help="A workload of docs/design.md [W1 when no explicit sizes are given].")
+@click.option("--workload", metavar="W1|W2|W3", default=None,
+              help="A workload of docs/design.md (any case) [W1 when no explicit sizes are given].")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=None)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=None)
 @click.option("--batch", type=click.IntRange(1, 256), default=None)
@@ -421,12 +422,19 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
                       provider=provider, warmup=warmup, runs=runs, baselines=tuple(baselines), checkpoint=checkpoint,
                       sweep=sweep, roofline=roofline, gguf=tuple(gguf), settle_s=settle, genai=tuple(genai_bundles),
                       hugepages=hugepages)
-    n_systems = (len(bundles) + len(baselines) + len(gguf) + len(genai_bundles)) * len(counts)
-    total = n_systems * (warmup + runs + len(sweep) * max(1, runs))
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc="bench", unit="run", leave=False) as bar:
-        rep = run_bench(cfg, lambda label: (bar.set_postfix_str(label[:40]), bar.update(1)))
+    bars = []
+
+    def start(total: int):
+        bars.append(tqdm(total=total, desc="bench", unit="run", leave=False))
+        return lambda label: (bars[0].set_postfix_str(label[:40]), bars[0].update(1))
+
+    try:
+        rep = run_bench(cfg, start)
+    finally:
+        for bar in bars:
+            bar.close()
     click.echo(report.render(rep, counts, provider, runs, warmup, settle, hugepages))
     if json_path:
         report.write_json(json_path, rep.data)

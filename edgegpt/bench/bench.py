@@ -99,7 +99,10 @@ def resolve_workload(name: Optional[str], prompt_tokens: Optional[int], new_toke
                     prompt_tokens or w.prompt_tokens, new_tokens or w.new_tokens, batch or w.batch, w.model)
 
 
-def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None) -> BenchReport:
+def run_bench(cfg: BenchConfig, start: Optional[Callable[[int], Callable[[str], None]]] = None) -> BenchReport:
+    """Measure every system of ``cfg``. ``start``, once every check has passed and before the first run,
+    gets the number of runs to come and returns the callback each finished run calls with its label
+    (a progress bar)."""
     if not cfg.bundles:
         raise BenchError("give at least one bundle dir")
     check_int(cfg.runs, "runs", low=1, high=MAX_RUNS)
@@ -151,6 +154,7 @@ def run_bench(cfg: BenchConfig, progress: Optional[Callable[[str], None]] = None
 
     def probe(s: System) -> Optional[float]:
         return probes[s.threads]() if isinstance(s, EdgeGPT) and weights.get(s.bundle) else None
+    progress = start(len(systems) * (cfg.warmup + cfg.runs + len(sweep) * max(1, cfg.runs))) if start else None
     results = measure(systems, w.prompt_ids(vocab), w.new_tokens, warmup=cfg.warmup, runs=cfg.runs, sweep=sweep,
                       progress=progress, settle_s=cfg.settle_s, probe=probe if probes else None)
     bws = {}

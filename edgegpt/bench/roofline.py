@@ -71,10 +71,11 @@ def weight_bytes_per_token(bundle: str | Path) -> Optional[int]:
         from onnx import helper
     except ImportError:
         return None
-    from edgegpt.manifest import read_manifest
+    from edgegpt.export.graph import load_graph
+    from edgegpt.manifest import bundle_file, read_manifest
 
     m = read_manifest(bundle)
-    model = onnx.load(str(Path(bundle) / m["graph"]["file"]), load_external_data=False)
+    model = load_graph(bundle_file(bundle, m["graph"]["file"]), load_external_data=False)
     users: dict[str, set[str]] = {}
 
     def walk(graph) -> None:

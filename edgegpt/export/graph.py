@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgegpt.errors import ExportError
+from edgegpt.errors import BundleError, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,17 @@ PROTOBUF_LIMIT = 2 * 1024**3
 # under protobuf's 2 GiB hard limit for the graph itself and for later passes that add initializers.
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 1024**3)
 EXTERNAL_DATA_FILE = "model.onnx.data"
+
+
+def load_graph(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """onnx.load of a graph read from a bundle (untrusted): a file that is not an ONNX model, or whose
+    external data points outside its folder (onnx refuses that itself), is one BundleError."""
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, onnx's ValidationError, OSError ...
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise BundleError(f"{Path(path).parent}: {Path(path).name} is not a readable ONNX model ({detail}); "
+                          f"re-run `edgegpt export`") from None
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:

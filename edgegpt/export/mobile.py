@@ -15,6 +15,8 @@ from pathlib import Path
 
 import onnx
 
+from edgegpt.errors import PackageError
+
 log = logging.getLogger(__name__)
 
 # Operators the XNNPACK execution provider implements (onnxruntime docs, Xnnpack-ExecutionProvider:
@@ -40,8 +42,9 @@ class Coverage:
 
 
 def _shaped(path: Path) -> onnx.ModelProto:
-    model = onnx.load(str(path))
-    return onnx.shape_inference.infer_shapes(model)
+    from edgegpt.export.graph import load_graph
+
+    return onnx.shape_inference.infer_shapes(load_graph(path))
 
 
 def ep_coverage(path: Path, *, fixed: bool) -> list[Coverage]:
@@ -82,9 +85,9 @@ def make_fixed_decode(src: Path, dst: Path, past_len: int) -> None:
 
     from edgegpt.contract import BATCH, PAST, SEQ, TOTAL
 
-    from edgegpt.export.graph import ort_optimize
+    from edgegpt.export.graph import load_graph, ort_optimize
 
-    model = onnx.load(str(src))
+    model = load_graph(src)
     for param, value in ((BATCH, 1), (SEQ, 1), (PAST, past_len), (TOTAL, past_len + 1)):
         make_dim_param_fixed(model.graph, param, value)
     fix_output_shapes(model)
@@ -118,7 +121,7 @@ def to_ort_format(src: Path, dst_dir: Path, *, runtime_optimizations: bool) -> t
         ort_files = sorted(out.glob("*.ort"))
         configs = sorted(out.glob("*.config"))
         if not ort_files or not configs:
-            raise RuntimeError(f"onnxruntime's ORT-format conversion of {src.name} produced no .ort file")
+            raise PackageError(f"onnxruntime's ORT-format conversion of {src.name} produced no .ort file")
         ort_dst = dst_dir / (src.stem + ".ort")
         cfg_dst = dst_dir / (src.stem + ".required_operators.config")
         shutil.move(str(ort_files[0]), ort_dst)

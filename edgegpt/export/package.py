@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from edgegpt.atomic import atomic_dir, check_output_dir, scratch_dir
-from edgegpt.errors import ExportError
+from edgegpt.errors import PackageError
 from edgegpt.limits import check_int
 from edgegpt.manifest import bundle_size, file_table, read_manifest, verify_files, write_manifest
 
@@ -46,7 +46,7 @@ TARGETS = {
 
 def _target(name: str) -> Target:
     if name not in TARGETS:
-        raise ExportError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
+        raise PackageError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
     return TARGETS[name]
 
 
@@ -54,7 +54,7 @@ def choose_precision(target: Target, requested: Optional[str]) -> str:
     p = requested or target.default_precision
     if p not in target.precisions:
         hint = " (fp16 has no fast CPU kernels: it runs slower than fp32 there)" if p == "fp16" else ""
-        raise ExportError(f"target {target.name} cannot run {p} bundles{hint}; choose one of "
+        raise PackageError(f"target {target.name} cannot run {p} bundles{hint}; choose one of "
                           f"{', '.join(target.precisions)}")
     return p
 
@@ -70,14 +70,14 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
         check_int(fixed_past, "fixed_past", low=1, high=manifest["max_context"] - 1)
     have = manifest["precision"]
     if have != want and have != "fp32":
-        raise ExportError(f"{bundle} is {have}; the {target.name} package needs {want}: package the fp32 bundle it "
+        raise PackageError(f"{bundle} is {have}; the {target.name} package needs {want}: package the fp32 bundle it "
                           f"came from (or pass --precision {have})")
     graph_kind = manifest["graph"].get("options", {}).get("graph", "traced")
     if target.mobile and graph_kind == "fused":
-        raise ExportError(f"{target.name} packages need a bundle with standard ONNX ops that NNAPI / CoreML / XNNPACK "
+        raise PackageError(f"{target.name} packages need a bundle with standard ONNX ops that NNAPI / CoreML / XNNPACK "
                           f"can take: export with `edgegpt export MODEL --graph traced --out BUNDLE` and package that")
     if manifest["graph"].get("external_data") and target.mobile:
-        raise ExportError(f"{bundle} keeps its weights in external data; ORT-format mobile packages need a model "
+        raise PackageError(f"{bundle} keeps its weights in external data; ORT-format mobile packages need a model "
                           f"under 2 GB in one file")
     check_output_dir(out, overwrite=overwrite, what="package", inputs=(bundle,), need_bytes=bundle_size(bundle))
     verify_files(bundle, manifest)
@@ -124,7 +124,7 @@ def _mobile(tmp: Path, manifest: dict, fixed_past: Optional[int], fp32_graph: Op
     ort_path, cfg_path = to_ort_format(onnx_path, tmp, runtime_optimizations=True)
     past = fixed_past or manifest["max_context"] - 1
     if not 1 <= past < manifest["max_context"]:
-        raise ExportError(f"--fixed-past must be in 1..{manifest['max_context'] - 1}, got {past}")
+        raise PackageError(f"--fixed-past must be in 1..{manifest['max_context'] - 1}, got {past}")
     fixed_onnx = tmp / "model_decode_fixed.onnx"
     if fp32_graph is not None:
         from edgegpt.quantize.recipes import Fp16
@@ -178,15 +178,18 @@ def _report(manifest: dict, dynamic, fixed, past: int) -> str:
 
 def _same_greedy(src: Path, pkg: Path, new_tokens: int = 16) -> dict:
     """The .ort model must give the same greedy tokens as the .onnx it came from (CPU provider)."""
-    from edgegpt.runtime import Generator
     from edgegpt.export.verify import VERIFY_PROMPT
+    from edgegpt.runtime import Generator
+    from edgegpt.runtime.generator import common_prefix
 
     a, b = Generator.load(src), Generator.load(pkg)
     ids = a.encode(VERIFY_PROMPT)[:32]
     x = a.generate_ids([ids], new_tokens, ignore_eos=True)[0]
     y = b.generate_ids([ids], new_tokens, ignore_eos=True)[0]
     if x != y:
-        raise ExportError(f"the ORT-format model's greedy tokens differ from the ONNX model's ({x[:4]}... vs {y[:4]}...)")
+        at = common_prefix(x, y)
+        raise PackageError(f"the ORT-format model's greedy tokens part from the ONNX model's at token {at} of "
+                           f"{new_tokens} ({y[at:at + 4]} vs {x[at:at + 4]}, after {x[:at][-3:]})")
     return {"greedy_identical": True, "tokens": new_tokens, "provider": "cpu"}
 
 

@@ -19,7 +19,7 @@ import torch
 
 from edgegpt.atomic import atomic_dir, check_output_dir, match_umask
 from edgegpt.errors import CheckpointError
-from edgegpt.model.gpt import GPT, GPTConfig
+from edgegpt.model.gpt import GPT, GPTConfig, parameter_shapes
 from edgegpt.model.tokenizer import load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,7 @@ def load_model(model_dir: str | Path) -> GPT:
         raise CheckpointError(f"checkpoint dir {model_dir} does not exist")
     cfg = read_config(model_dir)
     state = hf_to_edgegpt(_read_state_dict(model_dir))
-    with torch.device("meta"):  # shapes only: a config that asks for more than the weights hold allocates nothing
-        expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items() if k != "lm_head.weight"}
+    expected = parameter_shapes(cfg)  # a config that asks for more than the weights hold allocates nothing
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
         detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"

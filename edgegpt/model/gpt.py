@@ -82,6 +82,21 @@ class GPTConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def parameter_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of GPT(cfg) by name (the tied lm_head left out), computed without building the
+    model: a checkpoint is checked against these before anything is allocated."""
+    C, inner = cfg.n_embd, cfg.inner_dim
+    shapes = {"transformer.wte.weight": (cfg.vocab_size, C), "transformer.wpe.weight": (cfg.n_positions, C)}
+    block = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (3 * C, C), "attn.c_attn.bias": (3 * C,),
+             "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+             "mlp.c_fc.weight": (inner, C), "mlp.c_fc.bias": (inner,), "mlp.c_proj.weight": (C, inner),
+             "mlp.c_proj.bias": (C,)}
+    for i in range(cfg.n_layer):
+        shapes.update({f"transformer.h.{i}.{k}": v for k, v in block.items()})
+    shapes.update({"transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)})
+    return shapes
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()

@@ -23,7 +23,7 @@ from edgegpt.errors import ArgumentError, CheckpointError, DataError, OutputExis
 from edgegpt.limits import check_int, check_memory
 from edgegpt.model.checkpoint import load_checkpoint, write_checkpoint_files
 from edgegpt.model.data import BUILTIN_PREFIX, read_corpus
-from edgegpt.model.gpt import GPT, GPTConfig
+from edgegpt.model.gpt import GPT, GPTConfig, parameter_shapes
 from edgegpt.model.tokenizer import eos_id, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,7 @@ class TrainResult:
 
 def _param_count(c: GPTConfig) -> int:
     """Parameters of a GPT of this shape (the tied head counted once), without building it."""
-    C, inner = c.n_embd, c.inner_dim
-    block = 4 * C + (3 * C * C + 3 * C) + (C * C + C) + (C * inner + inner) + (inner * C + C)
-    return (c.vocab_size + c.n_positions) * C + c.n_layer * block + 2 * C
+    return sum(math.prod(s) for s in parameter_shapes(c).values())
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -119,8 +119,8 @@ def score(logits: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, *, window
     if not 0 < stride <= window:
         raise DataError(f"stride must be in (0, window={window}], got {stride}")
     if len(ids) < window:
-        raise DataError(f"the eval text is {len(ids)} tokens, shorter than one window of {window}; "
-                        f"give a longer text or a smaller window")
+        raise DataError(f"the evaluation text is {len(ids)} tokens, shorter than one window of {window}; "
+                        f"give a text of at least {window} tokens")
     nll, count, kl, agree = 0.0, 0, 0.0, 0
     spans = _windows(len(ids), window, stride)
     for start, end, first in spans:

@@ -31,6 +31,7 @@ from onnx import helper, numpy_helper
 
 from edgegpt import contract
 from edgegpt.errors import QuantizeError
+from edgegpt.export.graph import load_graph
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class Fp32(Recipe):
             return self.describe()
         from edgegpt.quantize.screen import screen_lm_head
 
-        model = onnx.load(str(src))
+        model = load_graph(src)
         info = screen_lm_head(model)
         onnx.save_model(model, str(dst))
         return {**self.describe(), **info}
@@ -233,7 +234,7 @@ class Fp16(Recipe):
 
         from edgegpt.export.graph import topological_sort
 
-        model = onnx.load(str(src))
+        model = load_graph(src)
         # The converter places its Casts by the types in value_info; onnx's own shape inference stops at
         # contrib ops, so without this a tensor feeding both a blocked LayerNormalization and an fp16 Add
         # gets no Cast and the graph is mistyped.
@@ -400,7 +401,7 @@ def _load_untied(src: Path) -> tuple[onnx.ModelProto, Optional[str]]:
     """The graph with its LM head as a MatMul of its own. onnxruntime's quantizers rewrite a
     Gemm(transB=1) into a MatMul by transposing its weight in place, which corrupts the embedding
     Gather that shares it; untying first keeps the embedding intact."""
-    model = onnx.load(str(src))
+    model = load_graph(src)
     return model, untie_lm_head(model)
 
 

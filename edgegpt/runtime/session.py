@@ -24,6 +24,14 @@ CPU_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)", "int64": "tensor(int64)"}
 
 
+def ort_message(e: Exception) -> str:
+    """The part of an onnxruntime exception that says what went wrong, short enough for one line."""
+    text = str(e).replace("\n", " ")
+    if "Status Message: " in text:
+        text = text.split("Status Message: ", 1)[1]
+    return text[:160]
+
+
 def session_options(threads: Optional[int] = None, *, spinning: bool = True, optimization: str = "all",
                     config: Optional[dict] = None) -> ort.SessionOptions:
     """Session options chosen for token-by-token decoding.
@@ -49,7 +57,8 @@ def session_options(threads: Optional[int] = None, *, spinning: bool = True, opt
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.enable_mem_pattern = False
-    so.log_severity_level = 3
+    # fatal only: every onnxruntime error reaches the caller as an exception, which edgegpt words in one line
+    so.log_severity_level = 4
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, str(v))
@@ -138,8 +147,9 @@ class ModelSession:
         try:
             cache.step(np.zeros((1, 1), np.int64), np.ones((1, 1), np.int64), pos)
         except BundleError as e:
-            raise BundleError(f"{e}; edgegpt.json's max_context ({self.max_context}) may exceed what the graph holds")\
-                from None
+            raise BundleError(f"{self.bundle}: one token at position {self.max_context - 1} does not run: edgegpt.json's "
+                              f"max_context ({self.max_context}) may exceed what the graph holds; re-run `edgegpt "
+                              f"export`") from None
 
     def kv_bytes(self, batch: int, slots: Optional[int] = None) -> int:
         """Bytes of the KV cache of ``batch`` rows over ``slots`` tokens (default: the model's context)."""
@@ -256,7 +266,7 @@ class KVCache:
             s.session.run_with_iobinding(b)
         except Exception as e:  # onnxruntime's Fail / InvalidArgument / RuntimeException: the graph is not what
             # its manifest says (a correct bundle never fails a step with inputs the runtime checked)
-            raise BundleError(f"{s.bundle}: onnxruntime failed to run the graph ({str(e).splitlines()[0][:200]}); "
+            raise BundleError(f"{s.bundle}: onnxruntime failed to run the graph ({ort_message(e)}); "
                               f"the bundle does not match its edgegpt.json: re-run `edgegpt export`") from None
         if one_row and s.kv_capacity:
             logits = self._logits[:, -1, :]

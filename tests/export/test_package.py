@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from edgegpt import contract
 from edgegpt.cli import main
-from edgegpt.errors import ExportError
+from edgegpt.errors import PackageError
 from edgegpt.export.bundle import export_bundle
 from edgegpt.export.onnx_export import ExportOptions
 from edgegpt.export.package import package_bundle
@@ -87,9 +87,9 @@ def test_precision_defaults_and_checks(traced, tmp_path):
 
     assert {t: choose_precision(TARGETS[t], None) for t in TARGETS} == {
         "cpu": "int8", "cuda": "fp16", "android": "int8-static", "ios": "fp16"}
-    with pytest.raises(ExportError, match="target cpu cannot run fp16 bundles .*slower than fp32"):
+    with pytest.raises(PackageError, match="target cpu cannot run fp16 bundles .*slower than fp32"):
         package_bundle(traced, "cpu", tmp_path / "x", precision="fp16")
-    with pytest.raises(ExportError, match="unknown target 'tpu'"):
+    with pytest.raises(PackageError, match="unknown target 'tpu'"):
         package_bundle(traced, "tpu", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -116,9 +116,9 @@ def test_refusals(traced, android, hf_checkpoint, tmp_path):
     out, _ = android
     fused = tmp_path / "fused"
     export_bundle(hf_checkpoint("small-vocab"), fused)
-    with pytest.raises(ExportError, match="--graph traced"):
+    with pytest.raises(PackageError, match="--graph traced"):
         package_bundle(fused, "android", tmp_path / "x")
-    with pytest.raises(ExportError, match="is int8; the ios package needs fp16: package the fp32 bundle"):
+    with pytest.raises(PackageError, match="is int8; the ios package needs fp16: package the fp32 bundle"):
         package_bundle(out, "ios", tmp_path / "x")
     res = CliRunner().invoke(main, ["package", str(traced), "--target", "ios", "--out", str(tmp_path / "ios"),
                                     "--precision", "int8"])

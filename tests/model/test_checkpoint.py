@@ -94,3 +94,12 @@ def test_save_refuses_existing_dir_without_overwrite(hf_checkpoint, tmp_path):
         save_checkpoint(model, tok, tmp_path / "ck")
     save_checkpoint(model, tok, tmp_path / "ck", overwrite=True)
     assert (tmp_path / "ck" / "model.safetensors").is_file()
+
+
+def test_parameter_shapes_are_the_modules_own():
+    from edgegpt.model.gpt import GPT, GPTConfig, parameter_shapes
+
+    for cfg in (GPTConfig(vocab_size=50, n_positions=16, n_embd=12, n_layer=2, n_head=3),
+                GPTConfig(vocab_size=7, n_positions=4, n_embd=8, n_layer=1, n_head=2, n_inner=20)):
+        real = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items() if k != "lm_head.weight"}
+        assert parameter_shapes(cfg) == real
