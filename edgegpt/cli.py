@@ -17,6 +17,9 @@ import click
 
 from edgegpt import __version__
 from edgegpt.errors import EdgeGPTError, os_error_message
+from edgegpt.package.targets import TARGETS
+from edgegpt.quantize.plan import KV_CHOICES
+from edgegpt.quantize.recipes import CARDS, cli_options
 
 
 def _cli_words(message: str) -> str:
@@ -218,12 +221,12 @@ def verify(bundle, against, decode_steps, atol):
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--target", required=True, type=click.Choice(["cpu", "cuda", "android", "ios"]))
+@click.option("--target", required=True, type=click.Choice(list(TARGETS)))
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4", "int8-static"]), default=None,
-              help="Default per target: cpu int8, cuda fp16, android int8-static, ios fp16.")
+@click.option("--precision", type=click.Choice(list(CARDS)), default=None,
+              help="Default per target: " + ", ".join(f"{t.name} {t.default_precision}" for t in TARGETS.values()) + ".")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
-              help="int8-static calibration text [a held-out slice of builtin:pydoc].")
+              help="int8-static calibration text [builtin:pydoc without its held-out tail].")
 @click.option("--fixed-past", type=click.IntRange(min=1), default=None,
               help="Past slots of the fixed-shape decode variant (mobile) [context - 1].")
 @click.option("--force", is_flag=True, help="Keep a precision pass that is over its quality budget.")
@@ -231,22 +234,15 @@ def verify(bundle, against, decode_steps, atol):
 @friendly_errors
 def package(bundle, target, out, precision, calibration, fixed_past, force, overwrite):
     """Package a bundle for a target: precision, ORT format, operator config, provider report."""
-    from edgegpt.export.package import TARGETS, package_bundle
-    from edgegpt.model.data import read_nonempty
+    from edgegpt.corpus import read_nonempty
+    from edgegpt.package.bundle import package_bundle, summary
 
     t = TARGETS[target]
     click.echo(f"target {target}: precision {precision or t.default_precision}"
                f"{'' if precision else ' (default: ' + t.why + ')'}; providers {', '.join(t.providers)}")
     m = package_bundle(bundle, target, out, precision=precision, calibration=read_nonempty(calibration, "calibration")
                        if calibration else None, fixed_past=fixed_past, overwrite=overwrite, force=force)
-    p = m["package"]
-    if "ort_format" in p:
-        o = p["ort_format"]
-        click.echo(f"ORT format: {o['file']} {o['bytes'] / 1e6:.1f} MB (ONNX {o['onnx_bytes'] / 1e6:.1f} MB), "
-                   f"operators in {o['required_operators']}; fixed-shape decode variant "
-                   f"{p['fixed_shape_variants'][0]['file']}")
-        click.echo((Path(out) / p["report"]).read_text())
-    click.echo(f"wrote {out} ({m['size_bytes'] / 1e6:.1f} MB)")
+    click.echo(summary(out, m))
 
 
 @main.command()
@@ -259,53 +255,59 @@ def inspect(bundle):
     click.echo(describe(bundle))
 
 
+def recipe_options(fn):
+    """One flag per recipe option of the cards in edgegpt/quantize/recipes/ (a new card's options appear here)."""
+    for o, choices, text in reversed(cli_options()):
+        if o.negative:
+            fn = click.option(f"{o.flag}/{o.negative}", o.name, default=None, help=text)(fn)
+        else:
+            fn = click.option(o.flag, o.name, type=click.Choice([str(c) for c in choices]), default=None,
+                              callback=_typed(choices), help=text)(fn)
+    return fn
+
+
+def _typed(choices: tuple):
+    """A click callback turning the chosen string back into the card's own value (an int, a bool)."""
+    by_text = {str(c): c for c in choices}
+    return lambda ctx, param, value: None if value is None else by_text[value]
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New bundle dir (the input is never touched).")
-@click.option("--mode", required=True, type=click.Choice(["int8", "int4", "fp16", "int8-static", "fp32"]),
-              help="fp32 keeps the weights: use it with --kv-cache int8 or --lm-head screened.")
-@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
-              help="int4: weights per quantization block [128].")
-@click.option("--symmetric/--asymmetric", default=None,
-              help="int4: symmetric blocks (no zero points) or a zero point per block [asymmetric].")
-@click.option("--algorithm", type=click.Choice(["rtn", "gptq"]), default=None,
-              help="int4: GPTQ (rounding errors corrected on calibration text: less than half the KL to fp32 of rtn, "
-                   "same speed, slower to quantize) or rtn (round to nearest) [gptq].")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
-              help="int4: MatMulNBits compute type; 4 = int8 dot products (fastest on CPU) [4].")
-@click.option("--lm-head", type=click.Choice(["fp32", "int8", "int4", "screened"]), default=None,
-              help="int8/int4: precision of the tied LM head [int8]. fp32: screened reads an 8-bit copy and "
-                   "recomputes in fp32 every token that could be the greedy pick (same tokens, ~25%% faster decode) "
-                   "[fp32].")
-@click.option("--embedding", type=click.Choice(["fp32", "int8", "int4"]), default=None,
-              help="int8/int4: precision of the token-embedding table (GatherBlockQuantized) [int8 with a quantized head].")
-@click.option("--kv-cache", type=click.Choice(["auto", "fp32", "int8"]), default="auto", show_default=True,
-              help="KV cache of a --kv-cache shared export: int8 (static scales calibrated on --calibration text; "
-                   "faster decode at long context, same time to first token) or fp32. auto: int8 for int8/int4 "
-                   "weights unless, along the decode path, it adds over 25%% (+1e-4) to the weights' own KL.")
+@click.option("--mode", "--precision", "mode", required=True, type=click.Choice(list(CARDS)),
+              help="The precision recipe: " + "; ".join(f"{c.name}: {c.summary}" for c in CARDS.values()) + ".")
+@recipe_options
+@click.option("--kv-cache", "--kv-dtype", "kv_cache", type=click.Choice(list(KV_CHOICES)), default="auto",
+              show_default=True,
+              help="KV cache dtype of a --kv-cache shared export: int8 (static scales calibrated on --calibration "
+                   "text; faster decode at long context, same time to first token) or fp32. auto: int8 for "
+                   + "/".join(n for n, c in CARDS.items() if c.int8_kv_cache == "auto") + " weights unless, along the "
+                   "decode path, it adds over 25% (+1e-4) to the weights' own KL.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
-              help="Calibration text file: int8-static, int4 --algorithm gptq and --kv-cache int8 [builtin:pydoc].")
+              help="Calibration text file: " + ", ".join(n for n, c in CARDS.items() if c.calibration != "unused")
+                   + " and --kv-cache int8 [builtin:pydoc without its held-out tail].")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False),
-              help="Text for the perplexity check [a held-out slice of builtin:pydoc].")
+              help="Text for the perplexity check [the held-out tail of builtin:pydoc].")
 @click.option("--max-ppl-increase", type=float, default=None,
-              help="Quality budget in percent [int8 1, fp16 1, int4 4, int8-static 5].")
+              help="Quality budget in percent [" + ", ".join(f"{n} {c.budget_pct:g}" for n, c in CARDS.items()) + "].")
 @click.option("--force", is_flag=True, help="Keep a result that is over its quality budget.")
 @click.option("--last-logits-only", is_flag=True,
               help="After measuring quality, restrict the LM head to the last position (faster prefill; fused graphs).")
 @click.option("--overwrite", is_flag=True)
 @friendly_errors
-def quantize(bundle, out, mode, block_size, symmetric, algorithm, accuracy_level, lm_head, embedding, kv_cache, calibration,
-             eval_text, max_ppl_increase, force, last_logits_only, overwrite):
-    """Write an int8 / int4 / fp16 / int8-static copy of an fp32 bundle, with its measured quality."""
+def quantize(bundle, out, mode, kv_cache, calibration, eval_text, max_ppl_increase, force, last_logits_only, overwrite,
+             **recipe_opts):
+    """Write a copy of an fp32 bundle in another precision, with its measured quality."""
+    from edgegpt.corpus import read_nonempty
     from edgegpt.export.inspect import describe
-    from edgegpt.model.data import read_nonempty
     from edgegpt.quantize.bundle import quantize_bundle
 
-    opts = {"block_size": int(block_size) if block_size else None, "symmetric": symmetric, "accuracy_level": accuracy_level,
-            "lm_head": lm_head, "embedding": embedding, "algorithm": algorithm}
-    quantize_bundle(bundle, out, mode, options=opts, eval_text=read_nonempty(eval_text, "evaluation") if eval_text else None,
-                    calibration=read_nonempty(calibration, "calibration") if calibration else None, max_ppl_increase=max_ppl_increase,
-                    force=force, overwrite=overwrite, last_logits_only=last_logits_only, kv_cache=kv_cache)
+    quantize_bundle(bundle, out, mode, options=recipe_opts,
+                    eval_text=read_nonempty(eval_text, "evaluation") if eval_text else None,
+                    calibration=read_nonempty(calibration, "calibration") if calibration else None,
+                    max_ppl_increase=max_ppl_increase, force=force, overwrite=overwrite,
+                    last_logits_only=last_logits_only, kv_cache=kv_cache)
     click.echo(describe(out))
 
 
@@ -360,8 +362,8 @@ def chat(bundle, system_text, max_new_tokens, temperature, top_k, top_p, repetit
 @friendly_errors
 def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
     """Perplexity of a bundle on a text (strided windows, with the runtime)."""
-    from edgegpt.model.data import read_nonempty
-    from edgegpt.quantize.evaluate import default_eval_text, evaluate
+    from edgegpt.corpus import default_eval_text, read_nonempty
+    from edgegpt.quality.evaluate import evaluate
 
     text = default_eval_text() if text_path == "builtin:pydoc-heldout" else read_nonempty(text_path, "evaluation")
     r = evaluate(bundle, text, window=window, stride=stride, max_tokens=max_tokens, reference=reference)

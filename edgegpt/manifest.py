@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,31 @@ def file_table(bundle: Path) -> dict[str, dict[str, Any]]:
 def write_manifest(bundle: Path, manifest: dict) -> None:
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
     (Path(bundle) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+class Draft(os.PathLike):
+    """A bundle being built: its (temporary) folder and the manifest it will have. Anything that takes a
+    bundle (sessions, the tokenizer, quality measurements) takes a Draft, so a result can be measured
+    before its manifest is written, once, by ``seal``."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.manifest = Path(path), manifest
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def seal(bundle: Path, manifest: dict) -> dict:
+    """The one bundle writer: the file table (sizes and sha256s, computed once, here) and the total size
+    go into the manifest, which is then written. Call it last, on the complete folder."""
+    files = file_table(bundle)
+    sealed = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files", "size_bytes")}
+    sealed.update(files=files, size_bytes=sum(f["bytes"] for f in files.values()))
+    write_manifest(bundle, sealed)
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **sealed}
 
 
 def bundle_file(bundle: str | Path, name: object, what: str = "file") -> Path:
@@ -116,9 +142,11 @@ def _check_dims(path: Path, m: dict) -> None:
         raise BundleError(f"{path}: graph and io must be objects; re-run `edgegpt export`")
 
 
-def read_manifest(bundle: str | Path) -> dict:
+def read_manifest(bundle: str | Path | Draft) -> dict:
     """The manifest of a bundle, checked: format and version, the fields every reader uses, and
-    every file it names inside the bundle (a bundle is untrusted input)."""
+    every file it names inside the bundle (a bundle is untrusted input). A Draft's own manifest is ours."""
+    if isinstance(bundle, Draft):
+        return bundle.manifest
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise BundleError(f"bundle dir {bundle} does not exist")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgegpt.model.data import builtin_pydoc
+from edgegpt.corpus import builtin_pydoc
 
 # Random-init shapes the parity tests sweep: distilgpt2-like (scaled down), gpt2-like (scaled
 # down), an odd head count with the erf GELU, and a small vocabulary.

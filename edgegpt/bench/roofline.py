@@ -71,7 +71,7 @@ def weight_bytes_per_token(bundle: str | Path) -> Optional[int]:
         from onnx import helper
     except ImportError:
         return None
-    from edgegpt.export.graph import load_graph
+    from edgegpt.graph.io import load_graph
     from edgegpt.manifest import bundle_file, read_manifest
 
     m = read_manifest(bundle)

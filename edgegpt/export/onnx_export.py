@@ -85,7 +85,7 @@ def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
     """Write dest/model.onnx (+ model.onnx.data when large). Returns the graph section of the manifest."""
     import onnx
 
-    from edgegpt.export import graph as g
+    from edgegpt.graph import io as gio, passes as gp
     from edgegpt.manifest import MODEL_FILE
 
     check_opset(options.opset)
@@ -101,8 +101,8 @@ def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
     n_layer = model.config.n_layer
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = options.external_data == "always" or (
-        options.external_data == "auto" and param_bytes > g.EXTERNAL_DATA_THRESHOLD)
-    if options.external_data == "never" and param_bytes >= g.PROTOBUF_LIMIT:
+        options.external_data == "auto" and param_bytes > gio.EXTERNAL_DATA_THRESHOLD)
+    if options.external_data == "never" and param_bytes >= gio.PROTOBUF_LIMIT:
         raise ExportError(f"the model has {param_bytes / 1e9:.2f} GB of weights, over protobuf's 2 GB limit; "
                           f"use --external-data auto (or always)")
     if options.graph == "fused":
@@ -121,19 +121,19 @@ def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
         nodes_traced = len(raw_model.graph.node)
         del raw_model
         basic = Path(work) / "basic.onnx"
-        g.ort_optimize(raw, basic, external_data_file="basic.data" if external else None)
+        gio.ort_optimize(raw, basic, external_data_file="basic.data" if external else None)
         m = onnx.load(str(basic))
         wte_name = next((t.name for t in m.graph.initializer if t.name.endswith("transformer.wte.weight")), None)
-        tied = bool(wte_name) and g.tie_lm_head(m, wte_name)
-        g.drop_unused_opsets(m)
+        tied = bool(wte_name) and gp.tie_lm_head(m, wte_name)
+        gp.drop_unused_opsets(m)
         out = dest / MODEL_FILE
-        g.save_model(m, out, external=external)
-        counts = g.op_counts(m)
+        gio.save_model(m, out, external=external)
+        counts = gp.op_counts(m)
         del m
-    g.infer_shapes(out)
+    gio.infer_shapes(out)
     return {
         "file": MODEL_FILE,
-        "external_data": g.EXTERNAL_DATA_FILE if external else None,
+        "external_data": gio.EXTERNAL_DATA_FILE if external else None,
         "exporter": f"torch.onnx TorchScript (torch {torch.__version__})",
         "opset": options.opset,
         "options": {"graph": "traced", "last_logits_only": options.last_logits_only, "fused_attention": None,
@@ -145,22 +145,22 @@ def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
 
 
 def _export_fused(model: GPT, dest: Path, options: ExportOptions, external: bool) -> dict:
-    from edgegpt.export import graph as g
+    from edgegpt.graph import io as gio, passes as gp
     from edgegpt.export.fused import build_fused
     from edgegpt.manifest import MODEL_FILE
 
     shared = options.kv_cache == "shared"
     m = build_fused(model.eval(), last_logits_only=options.last_logits_only, opset=options.opset, shared_kv=shared)
     out = dest / MODEL_FILE
-    g.save_model(m, out, external=external)
+    gio.save_model(m, out, external=external)
     return {
         "file": MODEL_FILE,
-        "external_data": g.EXTERNAL_DATA_FILE if external else None,
+        "external_data": gio.EXTERNAL_DATA_FILE if external else None,
         "exporter": "edgegpt fused builder (onnxruntime contrib ops)",
         "opset": options.opset,
         "options": {"graph": "fused", "last_logits_only": options.last_logits_only,
                     "fused_attention": "com.microsoft." + ("GroupQueryAttention" if shared else "MultiHeadAttention"),
                     "shared_kv_buffer": shared, "kv_capacity": model.config.n_positions if shared else None},
         "lm_head_tied": True,
-        "op_counts": g.op_counts(m),
+        "op_counts": gp.op_counts(m),
     }

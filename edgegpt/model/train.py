@@ -22,7 +22,7 @@ from edgegpt.atomic import KIND_MARKERS, atomic_dir, check_output_dir, check_wri
 from edgegpt.errors import ArgumentError, CheckpointError, DataError, OutputExistsError
 from edgegpt.limits import check_int, check_memory
 from edgegpt.model.checkpoint import load_checkpoint, write_checkpoint_files
-from edgegpt.model.data import BUILTIN_PREFIX, read_corpus
+from edgegpt.corpus import BUILTIN_PREFIX, HELD_OUT_FRACTION, read_corpus
 from edgegpt.model.gpt import GPT, GPTConfig, parameter_shapes
 from edgegpt.model.tokenizer import eos_id, train_tokenizer
 
@@ -61,7 +61,7 @@ class TrainConfig:
     warmup_steps: Optional[int] = None  # default: min(30, max_steps // 10)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    val_fraction: float = 0.05
+    val_fraction: float = HELD_OUT_FRACTION
     eval_interval: int = 100
     eval_batches: int = 8
     checkpoint_interval: int = 0  # 0: only at the end

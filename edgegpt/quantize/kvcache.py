@@ -36,7 +36,7 @@ def calibrate(bundle: str | Path, text: str, *, windows: int = 8, window: int = 
               margin: float = MARGIN) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-layer, per-head, per-channel K and V scales (n_layer, n_head, head_dim) from the fp32
     shared-KV ``bundle`` run over ``text``; returns (k_scale, v_scale, tokens seen)."""
-    from edgegpt.quantize.evaluate import calibration_windows
+    from edgegpt.quantize.calibration import calibration_windows
     from edgegpt.runtime.session import ModelSession
 
     s = ModelSession(bundle)  # quantize_bundle has checked that it keeps a shared buffer

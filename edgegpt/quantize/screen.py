@@ -46,7 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgegpt.contract import SCREEN_MARGIN
 from edgegpt.errors import QuantizeError
-from edgegpt.quantize.recipes import HEAD_BLOCK  # the int8 recipes' 8-bit head: the same kernel, measured there
+from edgegpt.quantize.heads import HEAD_BLOCK  # the int8 recipes' 8-bit head: the same kernel, measured there
 
 # the share of the vocabulary (per row) above which the head falls back to the fp32 Gemm: a kept token
 # costs about three times its share of the Gemm's reads (gather, write, read)

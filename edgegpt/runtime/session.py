@@ -74,7 +74,7 @@ class ModelSession:
         """verify_files: check every file against the sha256 its manifest records before loading
         (reads the whole bundle once: about a second for GPT-2 small's 500 MB)."""
         self.bundle = Path(bundle)
-        self.manifest = m = read_manifest(self.bundle)
+        self.manifest = m = read_manifest(bundle)  # a manifest.Draft brings its own
         if verify_files:
             check_files(self.bundle, m)
         arch = m["architecture"]

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgegpt.quantize.evaluate import _logits, default_eval_text, score
+from edgegpt.corpus import default_eval_text
+from edgegpt.quality.evaluate import score, window_logits
 from edgegpt.runtime.session import ModelSession
 from edgegpt.runtime.text import load_bundle_tokenizer
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     ref = ModelSession(args.reference, threads=args.threads)
     window = min(args.window, ref.max_context)
     ids = np.asarray(load_bundle_tokenizer(args.reference).encode(text).ids[:args.max_tokens], np.int64)
-    ref_fn = lambda chunk: _logits(ref, chunk)  # noqa: E731
+    ref_fn = lambda chunk: window_logits(ref, chunk)  # noqa: E731
     rows = [("reference " + Path(args.reference).name, score(ref_fn, ids, window=window))]
     for m in args.models:
         if m.endswith(".gguf"):
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
             name = "llama.cpp " + Path(m).name
         else:
             sess = ModelSession(m, threads=args.threads)
-            fn = lambda chunk, s=sess: _logits(s, chunk)  # noqa: E731
+            fn = lambda chunk, s=sess: window_logits(s, chunk)  # noqa: E731
             name = "edgegpt " + Path(m).name
         rows.append((name, score(fn, ids, window=window, reference=ref_fn)))
     print(f"{len(ids)} tokens, windows of {window}, stride {window // 2}; KL and top-1 against {args.reference}")

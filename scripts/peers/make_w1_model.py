@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from edgegpt.model.checkpoint import save_checkpoint
-from edgegpt.model.data import builtin_pydoc
+from edgegpt.corpus import builtin_pydoc
 from edgegpt.model.gpt import GPT, GPTConfig
 from edgegpt.model.tokenizer import eos_id, train_tokenizer
 

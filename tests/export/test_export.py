@@ -135,7 +135,7 @@ def test_external_data_keeps_weights_beside_the_graph(hf_checkpoint, tmp_path):
 
 
 def test_too_big_for_protobuf_without_external_data_is_refused(hf_checkpoint, tmp_path, monkeypatch):
-    from edgegpt.export import graph
+    from edgegpt.graph import io as graph
 
     monkeypatch.setattr(graph, "PROTOBUF_LIMIT", 1000)
     with pytest.raises(ExportError, match="over protobuf's 2 GB limit; use --external-data auto"):

@@ -83,7 +83,7 @@ def test_onnx_external_data_outside_the_bundle_is_refused(bundle_copy, tmp_path)
     (bundle_copy / "model.onnx").write_bytes(model.SerializeToString())
     with pytest.raises(BundleError, match="onnxruntime cannot load"):
         Generator.load(bundle_copy)
-    from edgegpt.export.graph import load_graph
+    from edgegpt.graph.io import load_graph
 
     with pytest.raises(BundleError, match="points outside the directory"):
         load_graph(bundle_copy / "model.onnx")
@@ -128,7 +128,7 @@ def test_a_truncated_graph_is_named(bundle_copy, hf_checkpoint, tmp_path):
 
 
 def test_random_bytes_as_a_graph_are_named_by_the_onnx_reader(bundle_copy):
-    from edgegpt.export.graph import load_graph
+    from edgegpt.graph.io import load_graph
 
     (bundle_copy / "model.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(BundleError, match="model.onnx is not a readable ONNX model"):

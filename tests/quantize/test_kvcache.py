@@ -7,7 +7,8 @@ from edgegpt.errors import QuantizeError
 from edgegpt.export.bundle import export_bundle
 from edgegpt.export.onnx_export import ExportOptions
 from edgegpt.quantize.bundle import quantize_bundle
-from edgegpt.quantize.evaluate import decode_path, default_eval_text
+from edgegpt.corpus import default_eval_text
+from edgegpt.quality.evaluate import decode_path
 from edgegpt.runtime import Generator
 from edgegpt.runtime.session import ModelSession
 from edgegpt.runtime.text import load_bundle_tokenizer
@@ -63,7 +64,7 @@ def test_auto_takes_the_int8_cache_on_shared_exports_and_measures_what_it_adds(s
 
 
 def test_auto_falls_back_to_the_fp32_cache_when_int8_adds_too_much(shared_bundles, tmp_path, monkeypatch):
-    from edgegpt.quantize import bundle as qb
+    from edgegpt.quantize import measure as qb
 
     root, _, _ = shared_bundles
     monkeypatch.setattr(qb, "KV_AUTO_ABSOLUTE", -1.0)  # an allowance no cache can meet
@@ -99,7 +100,7 @@ def test_int8_cache_refuses_concat_bundles_and_other_modes(shared_bundles, train
         quantize_bundle(trained_bundle, tmp_path / "x", "int4", kv_cache="int8")
     with pytest.raises(QuantizeError, match="only useful with --kv-cache int8"):
         quantize_bundle(root / "fp32", tmp_path / "z", "fp32")
-    with pytest.raises(QuantizeError, match="fp32, int8 or int4"):
+    with pytest.raises(QuantizeError, match="goes with --mode int8, int4 or fp32, not"):
         quantize_bundle(root / "fp32", tmp_path / "y", "fp16", kv_cache="int8")
     assert not any((tmp_path / n).exists() for n in "xyz")
 

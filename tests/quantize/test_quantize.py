@@ -9,7 +9,8 @@ from edgegpt.cli import main
 from edgegpt.errors import DataError, QuantizeError
 from edgegpt.manifest import file_table, read_manifest
 from edgegpt.quantize.bundle import quantize_bundle
-from edgegpt.quantize.evaluate import default_eval_text, evaluate
+from edgegpt.corpus import default_eval_text
+from edgegpt.quality.evaluate import evaluate
 from edgegpt.runtime import Generator
 
 EVAL_TOKENS = 1500  # keeps each quantize call to a second or two

@@ -9,7 +9,8 @@ from edgegpt.export.bundle import export_bundle
 from edgegpt.export.onnx_export import ExportOptions
 from edgegpt.model import load_checkpoint
 from edgegpt.model.generate import generate_ids
-from edgegpt.quantize.evaluate import default_eval_text, evaluate
+from edgegpt.corpus import default_eval_text
+from edgegpt.quality.evaluate import evaluate
 from edgegpt.runtime import Generator
 from edgegpt.runtime.session import ModelSession
 

@@ -1,17 +1,22 @@
-"""Training text: plain files or the built-in corpus ``builtin:pydoc``.
+"""Text: plain files or the built-in corpus ``builtin:pydoc``, and how it is split.
 
 ``builtin:pydoc`` is CPython's own reference documentation (``pydoc_data.topics``), present in
-every installation; it is read at run time and never copied into this repository.
+every installation; it is read at run time and never copied into this repository. Its last
+HELD_OUT_FRACTION is what the trainer validates on and what quality is measured on
+(``default_eval_text``); calibration reads only the rest (``calibration_text``).
+
+Pure Python: the runtime's quality tools use it without torch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from edgegpt.errors import DataError
 
 BUILTIN_PREFIX = "builtin:"
+HELD_OUT_FRACTION = 0.05  # the trainer's validation tail: text it never trained on
 
 
 def builtin_pydoc() -> str:
@@ -61,3 +66,20 @@ def read_corpus(sources: Sequence[str | Path]) -> list[str]:
     if not any(t.strip() for t in texts):
         raise DataError(f"the corpus ({', '.join(map(str, sources))}) is empty")
     return texts
+
+
+def default_eval_text(max_chars: int = 40_000) -> str:
+    """A held-out slice of builtin:pydoc: the tail the trainer keeps for validation."""
+    text = builtin_pydoc()
+    tail = text[int(len(text) * (1 - HELD_OUT_FRACTION)):]
+    return tail[:max_chars]
+
+
+def calibration_text(text: Optional[str]) -> str:
+    """The user's text, or builtin:pydoc without its held-out tail (which quality is measured on)."""
+    if text is not None:
+        if not text.strip():
+            raise DataError("the calibration text is empty; give text like your prompts (or none, for builtin:pydoc)")
+        return text
+    full = builtin_pydoc()
+    return full[: int(len(full) * (1 - HELD_OUT_FRACTION))][:200_000]

@@ -5,7 +5,7 @@ only the tokens a previous window has not scored are scored, and each of those s
 ``window - stride`` tokens of context (the usual strided-perplexity method). Against a reference
 bundle (the fp32 source) the same windows also give the mean KL divergence of the next-token
 distribution and top-1 agreement: on a few thousand tokens perplexity barely separates 8- and
-4-bit schemes while KL ranks them cleanly (DESIGN.md, Quality).
+4-bit schemes while KL ranks them cleanly (docs/design.md, Quality).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from edgegpt.errors import DataError, QuantizeError
 from edgegpt.runtime.session import ModelSession
 from edgegpt.runtime.text import load_bundle_tokenizer
 
-HELD_OUT_FRACTION = 0.05  # the trainer's default validation tail: text it never trained on
+# Prompts of our own (not third-party text) that greedy agreement decodes from.
+AGREEMENT_PROMPTS = ("The with statement", "A class definition defines", "def f(x):\n    return")
 
 
 @dataclass
@@ -36,41 +37,6 @@ class EvalResult:
 
     def as_dict(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items() if v is not None}
-
-
-def default_eval_text(max_chars: int = 40_000) -> str:
-    """A held-out slice of builtin:pydoc: the tail the trainer keeps for validation."""
-    from edgegpt.model.data import builtin_pydoc
-
-    text = builtin_pydoc()
-    tail = text[int(len(text) * (1 - HELD_OUT_FRACTION)):]
-    return tail[:max_chars]
-
-
-def calibration_text(text: Optional[str]) -> str:
-    """The user's text, or builtin:pydoc without its held-out tail (which quality is measured on)."""
-    if text is not None:
-        if not text.strip():
-            raise DataError("the calibration text is empty; give text like your prompts (or none, for builtin:pydoc)")
-        return text
-    from edgegpt.model.data import builtin_pydoc
-
-    full = builtin_pydoc()
-    return full[: int(len(full) * (1 - HELD_OUT_FRACTION))][:200_000]
-
-
-def calibration_windows(bundle: str | Path, text: str, *, windows: int, window: int,
-                        max_context: int) -> list[np.ndarray]:
-    """Up to ``windows`` spans of ``window`` tokens of ``text`` (the bundle's tokenizer), spread evenly
-    over it: GPTQ, int8-static and the int8 KV cache all calibrate on these. A short text gives a
-    shorter window, and no more windows than it holds without piling up overlaps."""
-    ids = load_bundle_tokenizer(bundle).encode(text).ids
-    window = min(window, max_context, len(ids))
-    if window < 16:
-        raise QuantizeError(f"the calibration text is {len(ids)} tokens; give at least a few hundred")
-    count = min(windows, len(ids) // window + 1)
-    starts = sorted(set(np.linspace(0, len(ids) - window, count).astype(int).tolist()))
-    return [np.asarray(ids[s:s + window], np.int64) for s in starts]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -90,7 +56,7 @@ def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
         prev_end, start = end, start + stride
 
 
-def _logits(sess: ModelSession, ids: np.ndarray) -> np.ndarray:
+def window_logits(sess: ModelSession, ids: np.ndarray) -> np.ndarray:
     feed = {contract.INPUT_IDS: ids[None], contract.ATTENTION_MASK: np.ones((1, len(ids)), np.int64),
             contract.POSITION_IDS: np.arange(len(ids), dtype=np.int64)[None]}
     empty = sess.empty_past_numpy(1)
@@ -106,8 +72,8 @@ def evaluate(bundle: str | Path, text: str, *, window: Optional[int] = None, str
                             f"(export without it)")
     ids = np.asarray(load_bundle_tokenizer(bundle).encode(text).ids[:max_tokens], dtype=np.int64)
     ref = ModelSession(reference, threads=threads) if reference else None
-    return score(lambda chunk: _logits(sess, chunk), ids, window=min(window or 256, sess.max_context), stride=stride,
-                 reference=(lambda chunk: _logits(ref, chunk)) if ref is not None else None)
+    return score(lambda chunk: window_logits(sess, chunk), ids, window=min(window or 256, sess.max_context), stride=stride,
+                 reference=(lambda chunk: window_logits(ref, chunk)) if ref is not None else None)
 
 
 def score(logits: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, *, window: int, stride: Optional[int] = None,
@@ -170,3 +136,19 @@ def decode_paths(bundles: list[str | Path], reference: str | Path, text: str, *,
     return [{"kl_mean": round(float((np.exp(rp) * (rp - lp)).sum(-1).mean()), 6),
              "top1_agreement": round(float((rp.argmax(-1) == lp.argmax(-1)).mean()), 5),
              "prompt_tokens": prompt, "positions": int(lp.shape[0])} for lp in logps]
+
+
+def greedy_agreement(src, dst, new_tokens: int = 16, prompts=AGREEMENT_PROMPTS) -> float:
+    """Share of greedy tokens (free-running, per prompt, up to the first divergence counted as
+    disagreement from there on) that ``dst`` produces identically to ``src``."""
+    from edgegpt.runtime import Generator
+    from edgegpt.runtime.generator import common_prefix
+
+    a, b = Generator.load(src), Generator.load(dst)
+    same = total = 0
+    for p in prompts:
+        ids = a.encode(p)
+        x = a.generate_ids([ids], new_tokens, ignore_eos=True)[0]
+        y = b.generate_ids([ids], new_tokens, ignore_eos=True)[0]
+        same, total = same + common_prefix(x, y), total + len(x)
+    return same / total

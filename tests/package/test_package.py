@@ -11,7 +11,7 @@ from edgegpt.cli import main
 from edgegpt.errors import PackageError
 from edgegpt.export.bundle import export_bundle
 from edgegpt.export.onnx_export import ExportOptions
-from edgegpt.export.package import package_bundle
+from edgegpt.package.bundle import package_bundle
 from edgegpt.manifest import read_manifest
 from edgegpt.runtime import Generator
 
@@ -83,7 +83,7 @@ def test_fixed_shape_decode_variant_with_a_sliding_window(android, traced):
 
 
 def test_precision_defaults_and_checks(traced, tmp_path):
-    from edgegpt.export.package import TARGETS, choose_precision
+    from edgegpt.package.targets import TARGETS, choose_precision
 
     assert {t: choose_precision(TARGETS[t], None) for t in TARGETS} == {
         "cpu": "int8", "cuda": "fp16", "android": "int8-static", "ios": "fp16"}

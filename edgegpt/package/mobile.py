@@ -1,4 +1,4 @@
-"""Mobile deployment helpers over onnxruntime's own tools: ORT-format conversion with the
+"""Mobile packages, with onnxruntime's own tools: ORT-format conversion with the
 required-operators config a reduced build needs, the NNAPI / CoreML usability check, XNNPACK
 coverage, and fixed-shape decode variants for providers that need static shapes.
 """
@@ -12,10 +12,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import onnx
 
 from edgegpt.errors import PackageError
+from edgegpt.graph.io import load_graph
+from edgegpt.manifest import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,6 @@ class Coverage:
 
 
 def _shaped(path: Path) -> onnx.ModelProto:
-    from edgegpt.export.graph import load_graph
-
     return onnx.shape_inference.infer_shapes(load_graph(path))
 
 
@@ -85,7 +86,7 @@ def make_fixed_decode(src: Path, dst: Path, past_len: int) -> None:
 
     from edgegpt.contract import BATCH, PAST, SEQ, TOTAL
 
-    from edgegpt.export.graph import load_graph, ort_optimize
+    from edgegpt.graph.io import ort_optimize
 
     model = load_graph(src)
     for param, value in ((BATCH, 1), (SEQ, 1), (PAST, past_len), (TOTAL, past_len + 1)):
@@ -127,3 +128,63 @@ def to_ort_format(src: Path, dst_dir: Path, *, runtime_optimizations: bool) -> t
         shutil.move(str(ort_files[0]), ort_dst)
         shutil.move(str(configs[0]), cfg_dst)
     return ort_dst, cfg_dst
+
+
+def mobile_artifacts(tmp: Path, manifest: dict, fixed_past: Optional[int], fp32_graph: Optional[Path] = None) -> dict:
+    """Beside tmp's model.onnx: its ORT-format model and operator config, a fixed-shape decode variant
+    (from ``fp32_graph`` converted to fp16 when given), and the provider usability report. Returns the
+    manifest's package section for them."""
+    onnx_path = tmp / MODEL_FILE
+    onnx_size = onnx_path.stat().st_size
+    dynamic_cov = ep_coverage(onnx_path, fixed=False)
+    ort_path, cfg_path = to_ort_format(onnx_path, tmp, runtime_optimizations=True)
+    past = fixed_past or manifest["max_context"] - 1  # range-checked by package_bundle before any work
+    fixed_onnx = tmp / "model_decode_fixed.onnx"
+    if fp32_graph is not None:
+        from edgegpt.quantize.recipes.fp16 import convert
+
+        fixed_fp32 = tmp / "model_decode_fixed.fp32.onnx"
+        make_fixed_decode(fp32_graph, fixed_fp32, past)
+        onnx.save_model(convert(load_graph(fixed_fp32)), str(fixed_onnx))
+        fixed_fp32.unlink()
+    else:
+        make_fixed_decode(onnx_path, fixed_onnx, past)
+    fixed_cov = ep_coverage(fixed_onnx, fixed=True)
+    fixed_ort, fixed_cfg = to_ort_format(fixed_onnx, tmp, runtime_optimizations=True)
+    fixed_onnx.unlink()
+    report = _report(manifest, dynamic_cov, fixed_cov, past)
+    (tmp / "mobile_usability.md").write_text(report)
+    return {
+        "ort_format": {"file": ort_path.name, "bytes": ort_path.stat().st_size, "onnx_bytes": onnx_size,
+                       "required_operators": cfg_path.name},
+        "fixed_shape_variants": [{"file": fixed_ort.name, "required_operators": fixed_cfg.name,
+                                  "use": "decode step", "batch_size": 1, "sequence_length": 1,
+                                  "past_sequence_length": past,
+                                  "kv_layout": "left-padded sliding window: unused past slots are zeros with "
+                                               "attention_mask 0; drop present's oldest slot after each step"}],
+        "coverage": {"dynamic": [c.as_dict() for c in dynamic_cov], "fixed_decode": [c.as_dict() for c in fixed_cov]},
+        "report": "mobile_usability.md",
+    }
+
+
+def _report(manifest: dict, dynamic, fixed, past: int) -> str:
+    a = manifest["architecture"]
+    lines = [f"# Mobile usability: GPT-2 family, {a['n_layer']} layers x {a['n_embd']}, {manifest['precision']}", "",
+             "Produced by onnxruntime's usability checker (NNAPI, CoreML ML Program) and, for XNNPACK, by op type "
+             "against its documented operator list. Nodes not taken by a provider run on the CPU EP.", ""]
+    for title, cov in (("Dynamic-shape graph (model.ort)", dynamic),
+                       (f"Fixed-shape decode graph (model_decode_fixed.ort: batch 1, 1 token, past {past})", fixed)):
+        lines += [f"## {title}", "", "| provider | nodes supported | partitions | suitability | falls back to CPU |",
+                  "|---|---|---|---|---|"]
+        for c in cov:
+            reasons = []
+            if c.dynamic_shape_nodes:
+                reasons.append(f"{c.dynamic_shape_nodes} nodes have dynamic input shapes")
+            if c.unsupported_ops:
+                reasons.append("unsupported ops: " + ", ".join(c.unsupported_ops))
+            lines.append(f"| {c.provider} | {c.supported}/{c.nodes} ({100 * c.supported / max(1, c.nodes):.0f}%) | "
+                         f"{c.partitions} | {c.suitability} | {'; '.join(reasons) or '-'} |")
+        lines.append("")
+    lines += ["Many partitions mean a copy between the accelerator and the CPU at every boundary, every step: "
+              "measure against the CPU EP (or XNNPACK) before choosing an accelerator.", ""]
+    return "\n".join(lines)

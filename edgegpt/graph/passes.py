@@ -1,38 +1,21 @@
-"""ONNX graph passes shared by export and quantize: tie the LM head, drop unused opset imports,
-infer shapes, save with or without external data, count ops.
+"""Graph passes every stage shares: count ops and weight bytes, tie and untie the LM head, drop unused
+opset imports, restrict the logits to the last position, order nodes, make node names unique.
 """
 
 from __future__ import annotations
 
 import collections
-import logging
-import os
-from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgegpt.errors import BundleError, ExportError
+from edgegpt import contract
+from edgegpt.errors import ExportError
 
-log = logging.getLogger(__name__)
-
-PROTOBUF_LIMIT = 2 * 1024**3
-# Above this many bytes of weights, write them to model.onnx.data beside the graph: leaves headroom
-# under protobuf's 2 GiB hard limit for the graph itself and for later passes that add initializers.
-EXTERNAL_DATA_THRESHOLD = int(1.5 * 1024**3)
-EXTERNAL_DATA_FILE = "model.onnx.data"
-
-
-def load_graph(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
-    """onnx.load of a graph read from a bundle (untrusted): a file that is not an ONNX model, or whose
-    external data points outside its folder (onnx refuses that itself), is one BundleError."""
-    try:
-        return onnx.load(str(path), load_external_data=load_external_data)
-    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, onnx's ValidationError, OSError ...
-        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise BundleError(f"{Path(path).parent}: {Path(path).name} is not a readable ONNX model ({detail}); "
-                          f"re-run `edgegpt export`") from None
+LM_HEAD_WEIGHT_T = "lm_head.weight_t"  # an untied head's own (n_embd, vocab) weight
+LM_HEAD_MATMUL = "/model/lm_head/MatMul"  # named like the fused builder's nodes
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
@@ -75,52 +58,43 @@ def tie_lm_head(model: onnx.ModelProto, wte_name: str) -> bool:
     return False
 
 
+def untie_lm_head(model: onnx.ModelProto) -> Optional[str]:
+    """Gemm(x, wte, transB=1) -> MatMul(x, wte^T) with its own initializer, so weight-only
+    quantizers (which take MatMul with a constant B) can quantize the head while the embedding
+    Gather keeps the original table. Returns the new MatMul's name. onnxruntime's quantizers rewrite
+    a Gemm(transB=1) into a MatMul by transposing its weight in place, which would corrupt the
+    embedding Gather that shares it."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "Gemm" and node.input[1] in inits and any(a.name == "transB" and a.i for a in node.attribute):
+            w = numpy_helper.to_array(inits[node.input[1]])
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), LM_HEAD_WEIGHT_T))
+            mm = helper.make_node("MatMul", [node.input[0], LM_HEAD_WEIGHT_T], list(node.output), name=LM_HEAD_MATMUL)
+            model.graph.node.remove(node)
+            model.graph.node.insert(i, mm)
+            return mm.name
+    return None
+
+
+def weight_matmuls(model: onnx.ModelProto, exclude: Optional[str] = None) -> list[str]:
+    """Names of the MatMuls whose B is a constant (the weight matmuls), but ``exclude``."""
+    inits = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits and n.name != exclude]
+
+
+def embedding_name(model: onnx.ModelProto) -> str:
+    """The token-embedding table's initializer (it ends with transformer.wte.weight in every graph we write)."""
+    name = next((t.name for t in model.graph.initializer if t.name.endswith("transformer.wte.weight")), None)
+    if name is None:
+        raise ExportError("the graph has no transformer.wte.weight initializer; re-run `edgegpt export`")
+    return name
+
+
 def drop_unused_opsets(model: onnx.ModelProto) -> None:
     used = {n.domain or "" for n in model.graph.node} | {""}
     keep = [o for o in model.opset_import if (o.domain or "") in used]
     del model.opset_import[:]
     model.opset_import.extend(keep)
-
-
-def save_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
-    """Save; with ``external`` the weights go to model.onnx.data next to the graph."""
-    path = Path(path)
-    if not external and model.ByteSize() >= PROTOBUF_LIMIT:
-        raise ExportError(f"the graph is {model.ByteSize() / 1e9:.2f} GB, over protobuf's 2 GB limit; "
-                          f"use --external-data auto (or always)")
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
-        # onnx creates the data file 0600: give it the mode of every other file in the bundle, so a bundle
-        # copied to an app or a server stays readable by the account that runs it
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path.parent / EXTERNAL_DATA_FILE, 0o666 & ~umask)
-    else:
-        onnx.save_model(model, str(path))
-
-
-def infer_shapes(path: Path) -> None:
-    """onnx shape inference, in place, path-based so models over 2 GB work too."""
-    onnx.shape_inference.infer_shapes_path(str(path), str(path))
-
-
-def ort_optimize(src: Path, dst: Path, *, external_data_file: str | None = None) -> None:
-    """onnxruntime's basic-level optimizer (constant folding, dead and redundant node elimination;
-    standard ops only) from src to dst."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.optimized_model_filepath = str(dst)
-    so.log_severity_level = 3
-    if external_data_file:
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", external_data_file)
-        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    try:
-        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types per failure
-        raise ExportError(f"onnxruntime could not load the graph {Path(src).name}: {e}".splitlines()[0]) from None
 
 
 def slice_last_position(model: onnx.ModelProto) -> bool:
@@ -139,7 +113,7 @@ def slice_last_position(model: onnx.ModelProto) -> bool:
     model.graph.node.insert(list(model.graph.node).index(shape), sl)
     shape.input[0] = flat.input[0] = "/model/last/out"
     for out in model.graph.output:
-        if out.name == "logits":
+        if out.name == contract.LOGITS:
             out.type.tensor_type.shape.dim[1].ClearField("dim_param")
             out.type.tensor_type.shape.dim[1].dim_value = 1
     return True
@@ -163,3 +137,23 @@ def topological_sort(model: onnx.ModelProto) -> None:
         pending = rest
     del model.graph.node[:]
     model.graph.node.extend(ordered)
+
+
+def unique_node_names(model: onnx.ModelProto) -> None:
+    """onnxruntime's float16 converter names its Cast nodes after the tensor they cast, so a tensor feeding
+    two blocked (fp32) nodes gets two identical Casts (same name, same output), which onnxruntime rejects.
+    Drop the repeats, then make any remaining duplicate node names unique."""
+    casts = set()
+    for node in list(model.graph.node):
+        if node.op_type == "Cast":
+            key = (tuple(node.input), tuple(node.output), node.attribute[0].i)
+            if key in casts:
+                model.graph.node.remove(node)
+            casts.add(key)
+    seen: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.name in seen:
+            seen[node.name] += 1
+            node.name = f"{node.name}_{seen[node.name]}"
+        else:
+            seen[node.name] = 0

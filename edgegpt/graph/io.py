@@ -1,0 +1,79 @@
+"""Reading and writing ONNX graphs: untrusted graphs read in one place, models over protobuf's 2 GB
+limit written with external data, shape inference and onnxruntime's basic optimizer by path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+
+from edgegpt.atomic import match_umask
+from edgegpt.errors import BundleError, ExportError
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2 * 1024**3
+# Above this many bytes of weights, write them to model.onnx.data beside the graph: leaves headroom
+# under protobuf's 2 GiB hard limit for the graph itself and for later passes that add initializers.
+EXTERNAL_DATA_THRESHOLD = int(1.5 * 1024**3)
+EXTERNAL_DATA_FILE = "model.onnx.data"
+
+
+def load_graph(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """onnx.load of a graph read from a bundle (untrusted): a file that is not an ONNX model, or whose
+    external data points outside its folder (onnx refuses that itself), is one BundleError."""
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, onnx's ValidationError, OSError ...
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise BundleError(f"{Path(path).parent}: {Path(path).name} is not a readable ONNX model ({detail}); "
+                          f"re-run `edgegpt export`") from None
+
+
+def save_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
+    """Save; with ``external`` the weights go to model.onnx.data next to the graph."""
+    path = Path(path)
+    if not external and model.ByteSize() >= PROTOBUF_LIMIT:
+        raise ExportError(f"the graph is {model.ByteSize() / 1e9:.2f} GB, over protobuf's 2 GB limit; "
+                          f"use --external-data auto (or always)")
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+        # onnx creates the data file 0600: give it the mode of every other file in the bundle, so a bundle
+        # copied to an app or a server stays readable by the account that runs it
+        match_umask(path.parent / EXTERNAL_DATA_FILE)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def infer_shapes(path: Path) -> None:
+    """onnx shape inference, in place, path-based so models over 2 GB work too."""
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))
+
+
+def shaped_op_counts(path: Path) -> dict[str, int]:
+    """Shape inference in place, then the graph's op counts (the manifest's graph.op_counts)."""
+    from edgegpt.graph.passes import op_counts
+
+    infer_shapes(path)
+    return op_counts(onnx.load(str(path), load_external_data=False))
+
+
+def ort_optimize(src: Path, dst: Path, *, external_data_file: str | None = None) -> None:
+    """onnxruntime's basic-level optimizer (constant folding, dead and redundant node elimination;
+    standard ops only) from src to dst."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    if external_data_file:
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", external_data_file)
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types per failure
+        raise ExportError(f"onnxruntime could not load the graph {Path(src).name}: {e}".splitlines()[0]) from None

@@ -1,0 +1,119 @@
+"""`edgegpt package`: a bundle -> a deployable package for one target (cpu, cuda, android, ios).
+
+A separate command rather than options on export/quantize: packaging is a pure function of a
+finished bundle, may need a precision pass first, and produces target-specific artifacts (ORT
+format, operator configs, fixed-shape variants, a provider report) that desktop bundles do not want.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from edgegpt.atomic import atomic_dir, check_output_dir, scratch_dir
+from edgegpt.errors import PackageError
+from edgegpt.limits import check_int
+from edgegpt.manifest import MODEL_FILE, Draft, bundle_file, bundle_size, read_manifest, seal, verify_files
+from edgegpt.package.targets import choose_precision, target as get_target
+
+log = logging.getLogger(__name__)
+
+
+def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, precision: Optional[str] = None,
+                   calibration: Optional[str] = None, fixed_past: Optional[int] = None, overwrite: bool = False,
+                   force: bool = False) -> dict:
+    bundle, out = Path(bundle), Path(out)
+    target = get_target(target_name)
+    manifest = read_manifest(bundle)
+    want = choose_precision(target, precision)
+    if fixed_past is not None and target.mobile:
+        check_int(fixed_past, "fixed_past", low=1, high=manifest["max_context"] - 1)
+    have = manifest["precision"]
+    if have != want and have != "fp32":
+        raise PackageError(f"{bundle} is {have}; the {target.name} package needs {want}: package the fp32 bundle it "
+                           f"came from (or pass --precision {have})")
+    graph_kind = manifest["graph"].get("options", {}).get("graph", "traced")
+    if target.mobile and graph_kind == "fused":
+        raise PackageError(f"{target.name} packages need a bundle with standard ONNX ops that NNAPI / CoreML / "
+                           f"XNNPACK can take: export with `edgegpt export MODEL --graph traced --out BUNDLE` and "
+                           f"package that")
+    if manifest["graph"].get("external_data") and target.mobile:
+        raise PackageError(f"{bundle} keeps its weights in external data; ORT-format mobile packages need a model "
+                           f"under 2 GB in one file")
+    check_output_dir(out, overwrite=overwrite, what="package", inputs=(bundle,), need_bytes=bundle_size(bundle))
+    verify_files(bundle, manifest)
+    with scratch_dir(out) as work:
+        src, src_manifest = bundle, manifest
+        if have != want:
+            from edgegpt.corpus import calibration_text
+            from edgegpt.quantize.bundle import quantize_bundle
+
+            src = Path(work) / "quantized"
+            # int8-static needs calibration text: the user's, or builtin:pydoc's training part
+            cal = calibration_text(calibration) if want == "int8-static" else calibration
+            # an int8 KV cache runs on onnxruntime's CPU kernel: other targets keep fp32
+            src_manifest = quantize_bundle(bundle, src, want, calibration=cal, force=force,
+                                           kv_cache=None if target.name == "cpu" else "fp32")
+        with atomic_dir(out, replace=overwrite) as tmp:
+            for name in src_manifest["files"]:
+                shutil.copy2(bundle_file(src, name), tmp / name)
+            m = {k: v for k, v in src_manifest.items() if k not in ("format", "format_version", "files", "size_bytes")}
+            m["package"] = {"target": target.name, "precision": want, "precision_reason": target.why,
+                            "providers": list(target.providers), "source_bundle": str(bundle.resolve())}
+            if target.mobile:
+                from edgegpt.package.mobile import mobile_artifacts
+
+                # fp16 from an fp32 bundle: fix the fp32 graph's shapes first, then convert (folding
+                # the fp16 graph's Casts would store fp32 copies of the weights)
+                fp32_graph = bundle_file(bundle, manifest["graph"]["file"]) if want == "fp16" and have == "fp32" \
+                    else None
+                m["package"].update(mobile_artifacts(tmp, m, fixed_past, fp32_graph))
+                m["graph"] = dict(m["graph"], file=m["package"]["ort_format"]["file"])
+                (tmp / MODEL_FILE).unlink()
+                m["package"]["verification"] = _same_greedy(src, Draft(tmp, m))
+            (tmp / "README.txt").write_text(_readme(m))
+            sealed = seal(tmp, m)
+    return sealed
+
+
+def _same_greedy(src: Path, pkg, new_tokens: int = 16) -> dict:
+    """The .ort model must give the same greedy tokens as the .onnx it came from (CPU provider)."""
+    from edgegpt.export.verify import VERIFY_PROMPT
+    from edgegpt.runtime import Generator
+    from edgegpt.runtime.generator import common_prefix
+
+    a, b = Generator.load(src), Generator.load(pkg)
+    ids = a.encode(VERIFY_PROMPT)[:32]
+    x = a.generate_ids([ids], new_tokens, ignore_eos=True)[0]
+    y = b.generate_ids([ids], new_tokens, ignore_eos=True)[0]
+    if x != y:
+        at = common_prefix(x, y)
+        raise PackageError(f"the ORT-format model's greedy tokens part from the ONNX model's at token {at} of "
+                           f"{new_tokens} ({y[at:at + 4]} vs {x[at:at + 4]}, after {x[:at][-3:]})")
+    return {"greedy_identical": True, "tokens": new_tokens, "provider": "cpu"}
+
+
+def _readme(m: dict) -> str:
+    p = m["package"]
+    files = [m["graph"]["file"], "tokenizer.json", "edgegpt.json"]
+    if "fixed_shape_variants" in p:
+        files += [v["file"] for v in p["fixed_shape_variants"]]
+    return (f"edgegpt package for {p['target']} ({p['precision']}: {p['precision_reason']}).\n"
+            f"Providers to try, in order: {', '.join(p['providers'])}.\n"
+            f"Files the app needs: {', '.join(files)}.\n"
+            "See docs/deploy.md in the edgegpt repository for the calling code and the reduced onnxruntime build.\n")
+
+
+def summary(out: Path, m: dict) -> str:
+    """What `edgegpt package` prints about a package it wrote."""
+    p, lines = m["package"], []
+    if "ort_format" in p:
+        o = p["ort_format"]
+        lines.append(f"ORT format: {o['file']} {o['bytes'] / 1e6:.1f} MB (ONNX {o['onnx_bytes'] / 1e6:.1f} MB), "
+                     f"operators in {o['required_operators']}; fixed-shape decode variant "
+                     f"{p['fixed_shape_variants'][0]['file']}")
+        lines.append(bundle_file(out, p["report"]).read_text())
+    lines.append(f"wrote {out} ({m['size_bytes'] / 1e6:.1f} MB)")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""int8: onnxruntime's quantize_dynamic. Per-channel int8 weights of the block MatMuls with int8
+activations quantized at run time (MatMulConstBOnly, so attention's activation x activation MatMuls stay
+fp32); the tied LM head as an 8-bit MatMulNBits and the embedding as int8 blocks by default."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Optional
+
+from edgegpt.quantize.recipes.card import Option, RecipeCard, quiet_preprocess_hint
+
+VNNI = {"avx512_vnni", "avx_vnni"}
+
+
+def cpu_flags() -> set[str]:
+    """x86 ISA extensions from /proc/cpuinfo (empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgegpt.graph.passes import weight_matmuls
+    from edgegpt.quantize.heads import finish_head, load_untied, quantize_embedding, resolve_embedding
+
+    embedding = resolve_embedding(opts["embedding"], opts["lm_head"])
+    flags = cpu_flags()
+    # Without VNNI, x86 u8s8 kernels use VPMADDUBSW which saturates; reduce_range (7-bit weights)
+    # avoids it at a small accuracy cost (onnxruntime#6004).
+    reduce_range = platform.machine() in ("x86_64", "AMD64") and not flags & VNNI
+    model, head = load_untied(src)
+    block_matmuls = weight_matmuls(model, exclude=head)
+    with quiet_preprocess_hint():
+        quantize_dynamic(model, str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=block_matmuls,
+                         per_channel=opts["per_channel"], reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                         # DefaultTensorType: onnx's shape inference cannot see through contrib ops
+                         # (MultiHeadAttention, GroupQueryAttention) of the fused graph
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+    finish_head(dst, head, opts["lm_head"], accuracy_level=4)
+    quantize_embedding(dst, embedding)
+    return {"embedding": embedding, "reduce_range": reduce_range, "quantized_matmuls": len(block_matmuls),
+            "cpu_vnni": bool(flags & VNNI)}
+
+
+CARD = RecipeCard(
+    name="int8", order=10, build=build, budget_pct=1.0, targets=("cpu", "android", "ios"), int8_kv_cache="auto",
+    summary="int8 weights, int8 activations at run time (VNNI): the fastest with the least quality cost on CPUs",
+    options=(
+        Option("per_channel", True, (True, False), cli=False),
+        Option("lm_head", "int8", ("fp32", "int8"), "precision of the tied LM head [int8]"),
+        Option("embedding", "auto", ("auto", "fp32", "int8", "int4"),
+               "precision of the token-embedding table (GatherBlockQuantized) [int8 with a quantized head]"),
+    ),
+)

@@ -1,0 +1,55 @@
+"""int8-static: QDQ static quantization of every weight MatMul, calibrated on the user's text, for the
+accelerators that need static quantization (NNAPI, QNN, XNNPACK)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from edgegpt import contract
+from edgegpt.quantize.recipes.card import Option, RecipeCard, quiet_preprocess_hint
+
+
+def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from edgegpt.graph.passes import weight_matmuls
+    from edgegpt.quantize.calibration import calibration_feeds
+    from edgegpt.quantize.heads import load_untied
+
+    feeds = calibration_feeds(src.parent, calibration, windows=opts["calibration_windows"], window=opts["window"])
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    model, _ = load_untied(src)
+    weights = weight_matmuls(model)
+    untied = dst.with_name("untied.onnx")
+    onnx.save_model(model, str(untied))
+    try:
+        with quiet_preprocess_hint():
+            quantize_static(str(untied), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul"], nodes_to_quantize=weights,
+                            per_channel=opts["per_channel"], activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8,
+                            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        untied.unlink(missing_ok=True)
+    return {"calibration_tokens": sum(f[contract.INPUT_IDS].size for f in feeds), "calibration_windows": len(feeds),
+            "quantized_matmuls": len(weights), "format": "QDQ", "activations": "uint8", "weights": "int8"}
+
+
+CARD = RecipeCard(
+    name="int8-static", order=40, build=build, budget_pct=5.0, targets=("android",), calibration="required",
+    summary="static (QDQ) int8 calibrated on your text, for NNAPI, QNN and XNNPACK",
+    options=(
+        Option("per_channel", True, (True, False), cli=False),
+        Option("calibration_windows", 16, cli=False),
+        Option("window", 128, cli=False),
+    ),
+)
