@@ -29,8 +29,20 @@ PRESENT_KEY = "present.{}.key"
 PRESENT_VALUE = "present.{}.value"
 SCREEN_MARGIN = "logits_screen_margin"
 
+PAST_PREFIX, PRESENT_PREFIX = PAST_KEY.split("{")[0], PRESENT_KEY.split("{")[0]  # "past_key_values.", "present."
+
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
 SLOTS = "kv_slots"  # shared-buffer layout: the buffer's length, chosen by the runtime (<= kv_capacity)
+
+
+def is_kv(name: str) -> bool:
+    """Whether a graph input or output is part of the KV cache."""
+    return name.startswith((PAST_PREFIX, PRESENT_PREFIX))
+
+
+def kv_dtype(io: dict) -> str:
+    """The KV cache's dtype in a manifest's io section."""
+    return next(x["dtype"] for x in io["inputs"] if x["name"] == PAST_KEY.format(0))
 
 
 def past_names(n_layer: int) -> list[str]:

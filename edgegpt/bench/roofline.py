@@ -15,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 
+from edgegpt import contract
+
 PROBE_BYTES = 512 * 1024**2
 
 
@@ -102,5 +104,5 @@ def kv_bytes_per_token(manifest: dict, context: float, batch: int = 1) -> int:
     """Bytes of KV cache one decode step reads at ``context`` tokens: every layer's K and V for every
     head (the shared buffer's unused slots are not read)."""
     a = manifest["architecture"]
-    dtype = next(x["dtype"] for x in manifest["io"]["inputs"] if x["name"].startswith("past_key_values."))
+    dtype = contract.kv_dtype(manifest["io"])
     return int(2 * a["n_layer"] * batch * a["n_head"] * a["head_dim"] * context * np.dtype(dtype).itemsize)

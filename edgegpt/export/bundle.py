@@ -1,7 +1,8 @@
-"""`edgegpt export`: a checkpoint dir -> a verified bundle dir (see DESIGN.md).
+"""`edgegpt export`: a checkpoint dir -> a verified bundle dir (docs/design.md, "The bundle").
 
 Everything is written into a temporary sibling of the output and renamed into place only when
-complete and verified; a bundle that fails its tolerance is discarded unless keep_failed.
+complete and verified; a bundle that fails its tolerance is discarded unless keep_failed. The graph
+is verified as a manifest.Draft, then the bundle is sealed (its manifest written once).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from edgegpt.errors import ExportError, VerificationFailed
 from edgegpt.export.onnx_export import ExportOptions, export_graph
 from edgegpt.export.verify import verify_bundle
 from edgegpt.limits import check_int
-from edgegpt.manifest import TOKENIZER_FILE, file_table, read_manifest, verify_files, write_manifest
+from edgegpt.manifest import MODEL_FILE, TOKENIZER_FILE, Draft, read_manifest, seal, verify_files
 from edgegpt.model.checkpoint import checkpoint_hash, config_to_hf, generation_config, load_checkpoint
 from edgegpt.model.gpt import GPTConfig
 
@@ -41,7 +42,7 @@ def genai_config(cfg: GPTConfig, kv_dtype: str = "float32") -> dict:
             "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.eos_token_id,
             "context_length": cfg.n_positions, "vocab_size": cfg.vocab_size,
             "decoder": {
-                "filename": "model.onnx", "session_options": {"log_id": "edgegpt", "provider_options": []},
+                "filename": MODEL_FILE, "session_options": {"log_id": "edgegpt", "provider_options": []},
                 "head_size": cfg.head_dim, "hidden_size": cfg.n_embd, "num_attention_heads": cfg.n_head,
                 "num_key_value_heads": cfg.n_head, "num_hidden_layers": cfg.n_layer,
                 "inputs": {"input_ids": contract.INPUT_IDS, "attention_mask": contract.ATTENTION_MASK,
@@ -102,18 +103,16 @@ def export_bundle(model_dir: str | Path, out: str | Path, options: ExportOptions
             "source": {"checkpoint": str(model_dir.resolve()), "sha256": checkpoint_hash(model_dir)},
             "export_seconds": round(export_s, 2),
         }
-        write_manifest(tmp, manifest)
-        manifest["verification"] = verify_bundle(tmp, model, tok, decode_steps=decode_steps, atol=atol)
-        manifest["files"] = file_table(tmp)
-        manifest["size_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
-        write_manifest(tmp, manifest)
+        manifest["verification"] = verify_bundle(Draft(tmp, manifest), model, tok, decode_steps=decode_steps,
+                                                 atol=atol)
+        sealed = seal(tmp, manifest)
         if not manifest["verification"]["passed"]:
             failed = failure_message(manifest["verification"])
             if not keep_failed:
                 raise VerificationFailed(f"{failed}; the bundle was not written (pass --keep-failed to keep it)")
     if failed:
         raise VerificationFailed(f"{failed}; kept at {out} because of --keep-failed")
-    return read_manifest(out)
+    return sealed
 
 
 def failure_message(v: dict) -> str:

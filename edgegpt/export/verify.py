@@ -16,7 +16,7 @@ import torch
 
 from edgegpt import contract
 from edgegpt.errors import BundleError
-from edgegpt.manifest import read_manifest
+from edgegpt.manifest import bundle_file, read_manifest
 
 # Our own text (not third-party): mixed prose, code and punctuation to exercise the tokenizer.
 VERIFY_PROMPT = (
@@ -45,7 +45,7 @@ def onnx_step(sess, manifest: dict, ids: np.ndarray, past: Optional[list], past_
     """One run of the bundle's graph for batch 1; returns last-position logits and present."""
     arch = manifest["architecture"]
     n_layer = arch["n_layer"]
-    kv_dtype = _np_dtype(manifest["io"]["inputs"][3]["dtype"])
+    kv_dtype = _np_dtype(contract.kv_dtype(manifest["io"]))
     T = ids.shape[1]
     if past is None:
         opts = manifest["graph"].get("options", {})
@@ -70,7 +70,7 @@ def verify_bundle(bundle: str | Path, model, tok, *, decode_steps: int = 32, ato
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(str(Path(bundle) / manifest["graph"]["file"]), so,
+        sess = ort.InferenceSession(str(bundle_file(bundle, manifest["graph"]["file"])), so,
                                     providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's Fail / InvalidProtobuf / ... types
         raise BundleError(f"{bundle}: onnxruntime cannot load {manifest['graph']['file']} "

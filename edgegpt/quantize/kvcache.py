@@ -65,7 +65,7 @@ def apply_int8_kv(path: str | Path, k_scale: np.ndarray, v_scale: np.ndarray) ->
         if node.op_type != "GroupQueryAttention":
             continue
         past_key = node.input[3]
-        if not past_key.startswith("past_key_values."):
+        if not past_key.startswith(contract.PAST_PREFIX):
             raise QuantizeError(f"unexpected GroupQueryAttention input {past_key!r}; re-export the bundle")
         i = int(past_key.split(".")[1])
         if any(a.name in ("k_quant_type", "kv_cache_bit_width") for a in node.attribute):

@@ -25,14 +25,13 @@ log = logging.getLogger(__name__)
 # trained 4x256 model it added 0.3-3% (int4) and 5-11% (int8), on prose, Python source and digits,
 # and nothing measurable at positions past the calibration windows.
 KV_AUTO_RELATIVE, KV_AUTO_ABSOLUTE = 0.25, 1e-4
-KV_PREFIXES = (contract.PAST_KEY.split("{")[0], contract.PRESENT_KEY.split("{")[0])
 
 
 def io_with_kv(manifest: dict, kv_dtype: str) -> dict:
     """A copy of the manifest's io section with the KV cache in ``kv_dtype``."""
     io = json.loads(json.dumps(manifest["io"]))
     for x in io["inputs"] + io["outputs"]:
-        if x["name"].startswith(KV_PREFIXES):
+        if contract.is_kv(x["name"]):
             x["dtype"] = kv_dtype
     return io
 

@@ -28,7 +28,7 @@ class QuantizePlan:
 
 
 def _kv_dtypes(manifest: dict) -> set[str]:
-    return {x["dtype"] for x in manifest["io"]["inputs"] if x["name"].startswith(contract.PAST_KEY.split("{")[0])}
+    return {x["dtype"] for x in manifest["io"]["inputs"] if contract.is_kv(x["name"])}
 
 
 def plan_quantize(manifest: dict, mode: str, options: Optional[dict] = None, *, kv_cache: Optional[str] = None,

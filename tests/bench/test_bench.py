@@ -42,6 +42,7 @@ def test_workloads_match_design_and_prompts_are_fixed():
     assert WORKLOADS["W1"].prompt_ids(50257) == WORKLOADS["W1"].prompt_ids(50257)
 
 
+@pytest.mark.slow
 def test_bench_measures_bundles_and_torch_baseline(bundle, hf_checkpoint):
     pytest.importorskip("transformers")
     cfg = BenchConfig([str(bundle), str(bundle)], Workload("t", 16, 12), threads=1, warmup=1, runs=2,
@@ -59,6 +60,7 @@ def test_bench_measures_bundles_and_torch_baseline(bundle, hf_checkpoint):
     assert rep.data["machine"]["onnxruntime"] and rep.data["results"][0]["decode_tok_s"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("baseline, module", [("optimum", "optimum.onnxruntime"), ("genai", "onnxruntime_genai")])
 def test_peer_baselines_when_installed(bundle, baseline, module):
     pytest.importorskip(module)
@@ -80,6 +82,7 @@ def test_genai_on_any_bundle_including_shared_kv(hf_checkpoint, tmp_path):
     assert "| onnxruntime-genai (shared) |" in res.output and "error" not in res.output.lower()
 
 
+@pytest.mark.slow
 def test_roofline_pieces(bundle):
     bw = BandwidthProbe(1)(reps=2)
     assert bw > 0.5
@@ -88,6 +91,7 @@ def test_roofline_pieces(bundle):
     assert 64 * 192 * 4 * 2 < wb < 1000 * 64 * 4 + 2 * (64 * 64 * 12 * 4) + 100_000
 
 
+@pytest.mark.slow
 def test_bench_command_writes_json_and_plot(bundle, tmp_path):
     pytest.importorskip("matplotlib")
     res = CliRunner().invoke(main, ["bench", str(bundle), "--prompt-tokens", "8", "--new-tokens", "6", "--runs", "1",
@@ -111,6 +115,7 @@ def test_bench_command_writes_json_and_plot(bundle, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_thread_sweep_runs_every_system_at_each_count(bundle, tmp_path):
     from edgegpt.bench.bench import _systems, thread_counts
 
@@ -310,8 +315,8 @@ def test_each_system_knows_its_precision_and_notes_compare_matching_peers(bundle
     assert onnx_precision(tmp_path) is None  # no genai_config.json: unknown
 
     def sys_(cls, label, precision, threads=2):
-        s = cls.__new__(cls)
-        s.label, s.precision, s.threads = label, precision, threads
+        s = EdgeGPT(label, threads, "cpu", label) if cls is EdgeGPT else LlamaCpp(f"{label}.gguf", threads, 512)
+        s.label, s.precision = label, precision  # as bench._systems sets them
         return s
 
     def res(label, tok_s, ttft):

@@ -130,6 +130,7 @@ def test_the_final_rename_refuses_an_output_another_process_created(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
 
 
+@pytest.mark.slow
 def test_two_exports_to_one_new_output_do_not_silently_replace_each_other(hf_checkpoint, tmp_path):
     out = tmp_path / "b"
     cmd = [sys.executable, "-m", "edgegpt.cli", "export", str(hf_checkpoint("small-vocab")), "--out", str(out)]
