@@ -7,52 +7,17 @@ stderr and exit 1; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
 import sys
-from pathlib import Path
 
 import click
 
 from edgegpt import __version__
-from edgegpt.errors import EdgeGPTError, os_error_message
+from edgegpt.clikit import friendly_errors, generator_for, int_list, recipe_options, sampling_options
+from edgegpt.errors import EdgeGPTError
 from edgegpt.package.targets import TARGETS
 from edgegpt.quantize.plan import KV_CHOICES
-from edgegpt.quantize.recipes import CARDS, cli_options
-
-
-def _cli_words(message: str) -> str:
-    """The library names its arguments as Python does (max_new_tokens, truncate_prompt=True); at the
-    command line the same words name the current command's flags (--max-new-tokens, --truncate-prompt)."""
-    ctx = click.get_current_context(silent=True)
-    if ctx is None:
-        return message
-    for p in ctx.command.params:
-        if isinstance(p, click.Option) and p.name:
-            flag = max(p.opts, key=len)
-            message = re.sub(rf"\b{p.name}=True\b", flag, message)
-            # snake_case names anywhere; a one-word name only where the message starts with it
-            message = re.sub(rf"(?<![-\w]){p.name}\b" if "_" in p.name else rf"^{p.name}\b", flag, message)
-    return message
-
-
-def friendly_errors(fn):
-    """Turn expected errors into a one-line message and a non-zero exit: no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EdgeGPTError as e:
-            raise click.ClickException(_cli_words(str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
-        except OSError as e:
-            raise click.ClickException(os_error_message(e)) from None
-        except KeyboardInterrupt:
-            click.echo("interrupted; no partial output was left behind", err=True)
-            sys.exit(130)
-
-    return wrapper
+from edgegpt.quantize.recipes import CARDS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,44 +27,6 @@ def main(verbose: bool) -> None:
     """edgegpt: train or load a GPT-2 family model, export it to ONNX with a KV cache,
     quantize it and run it offline with onnxruntime."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-
-def _int_list(value: str, option: str, example: str) -> list[int]:
-    """A comma-separated list of integers from an option, or a usage error naming it."""
-    try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.UsageError(f"{option} takes comma-separated integers, e.g. {example}; got {value!r}") from None
-
-
-def _generator(path: str, provider: str, threads, fallback: bool, verify: bool):
-    """The runtime's Generator over a bundle (onnxruntime) or a checkpoint dir (PyTorch)."""
-    from edgegpt.manifest import folder_kind
-
-    if folder_kind(path) == "bundle":
-        from edgegpt.runtime import Generator
-
-        return Generator.load(path, provider=provider, threads=threads, fallback=fallback, verify_files=verify)
-    if provider != "cpu" or fallback or verify:
-        raise click.ClickException("--provider, --fallback and --verify apply to bundles; export the checkpoint first")
-    from edgegpt.model.generate import checkpoint_generator
-
-    return checkpoint_generator(path, threads)
-
-
-def sampling_options(fn):
-    """The sampling flags shared by every command that generates."""
-    opts = [
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off."),
-        click.option("--top-p", type=float, default=1.0, show_default=True, help="1.0 = off."),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1.0 = off."),
-        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
 
 
 @main.command()
@@ -155,7 +82,7 @@ def train(data, out, resume, overwrite, init, **kw):
 def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stream,
              provider, fallback, threads, truncate_prompt, verify):
     """Generate text from a bundle (onnxruntime) or a checkpoint dir (PyTorch)."""
-    gen = _generator(model, provider, threads, fallback, verify)
+    gen = generator_for(model, provider, threads, fallback, verify)
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
               truncate_prompt=truncate_prompt, stop=stop)
     if not stream:
@@ -253,23 +180,6 @@ def inspect(bundle):
     from edgegpt.export.inspect import describe
 
     click.echo(describe(bundle))
-
-
-def recipe_options(fn):
-    """One flag per recipe option of the cards in edgegpt/quantize/recipes/ (a new card's options appear here)."""
-    for o, choices, text in reversed(cli_options()):
-        if o.negative:
-            fn = click.option(f"{o.flag}/{o.negative}", o.name, default=None, help=text)(fn)
-        else:
-            fn = click.option(o.flag, o.name, type=click.Choice([str(c) for c in choices]), default=None,
-                              callback=_typed(choices), help=text)(fn)
-    return fn
-
-
-def _typed(choices: tuple):
-    """A click callback turning the chosen string back into the card's own value (an int, a bool)."""
-    by_text = {str(c): c for c in choices}
-    return lambda ctx, param, value: None if value is None else by_text[value]
 
 
 @main.command()
@@ -412,11 +322,11 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
     from edgegpt.bench import report
     from edgegpt.bench.bench import BenchConfig, resolve_workload, run_bench, thread_counts
 
-    sweep = _int_list(sweep_context or "", "--sweep-context", "128,256,512")
+    sweep = int_list(sweep_context or "", "--sweep-context", "128,256,512")
     if plot_path and not sweep:
         raise click.UsageError("--plot draws the context sweep: add --sweep-context 128,256,...")
     try:
-        counts = thread_counts(tuple(_int_list(threads, "--threads", "2 or 1,2")))
+        counts = thread_counts(tuple(int_list(threads, "--threads", "2 or 1,2")))
     except EdgeGPTError as e:
         raise click.UsageError(f"--{e}; e.g. 2 or 1,2") from None
     w = resolve_workload(workload, prompt_tokens, new_tokens, batch)

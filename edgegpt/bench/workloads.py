@@ -1,4 +1,4 @@
-"""Benchmark workloads (DESIGN.md): batch 1, greedy, exactly N new tokens with EOS ignored."""
+"""Benchmark workloads (docs/design.md, "Benchmark workloads"): batch 1, greedy, exactly N new tokens with EOS ignored."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ VERIFY_PROMPT = (
     "        total += v\n        if total > limit:\n            return i, total\n    return None, total\n"
 )
 
-# Per-precision tolerance on max |logit difference| (fp32 from DESIGN.md). Quantized bundles are
+# Per-precision tolerance on max |logit difference| (fp32: docs/design.md, "Quality"). Quantized bundles are
 # judged by perplexity / KL budgets instead; their figure here is informational.
 TOLERANCE = {"fp32": 1e-4}
 

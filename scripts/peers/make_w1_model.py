@@ -1,4 +1,4 @@
-"""The benchmark models of DESIGN.md with random weights (no download): GPT-2 small's shape (M124,
+"""The benchmark models of docs/design.md with random weights (no download): GPT-2 small's shape (M124,
 12 layers) or distilgpt2's (M82, --layers 6), vocab 50257, initialised by edgegpt's GPT under seed 0,
 with a byte-level BPE tokenizer trained on builtin:pydoc. Benchmark prompts are token ids, so the
 tokenizer only has to exist.
