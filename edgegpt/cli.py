@@ -23,7 +23,9 @@ from edgegpt.quantize.recipes import CARDS
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgegpt")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def main(verbose: bool) -> None:
+@click.option("--no-hugepages", is_flag=True,
+              help="Do not restart generate / chat / eval with glibc's huge pages (also: EDGEGPT_HUGEPAGES=0).")
+def main(verbose: bool, no_hugepages: bool) -> None:
     """edgegpt: train or load a GPT-2 family model, export it to ONNX with a KV cache,
     quantize it and run it offline with onnxruntime."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -359,4 +361,6 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
 
 
 if __name__ == "__main__":
-    main()
+    from edgegpt.launch import main as launch
+
+    launch()

@@ -15,7 +15,7 @@ from edgegpt import contract
 from edgegpt.errors import ArgumentError, BundleError
 from edgegpt.limits import check_memory, check_threads
 from edgegpt.manifest import bundle_file, read_manifest, verify_files as check_files
-from edgegpt.runtime import providers as prov
+from edgegpt.runtime import hugepages, providers as prov
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,9 @@ class ModelSession:
         self._present_names = contract.present_names(self.n_layer)
         self._output_names = contract.output_names(self.n_layer)
         self._probe()
+        if self.provider == "cpu" and not hugepages.active():
+            log.debug("huge pages are off for this process: decode runs a few percent slower; call "
+                      "edgegpt.runtime.hugepages.enable() first thing in main (Linux, glibc >= 2.35)")
 
     def _check_graph(self, io: dict) -> None:
         """The graph must have exactly the manifest's inputs and outputs, with its dtypes, and the

@@ -200,3 +200,36 @@ def test_cuda_keeps_the_cache_on_the_device_and_matches_cpu(fp32_bundle):
     assert past[0].device_name().lower() == "cuda"
     ids = cpu.encode(PROMPTS[0])
     assert gpu.generate_ids([ids], 32, ignore_eos=True) == cpu.generate_ids([ids], 32, ignore_eos=True)
+
+
+def test_hugepages_enable_restarts_the_process_once_with_the_tunable():
+    from edgegpt.runtime import hugepages
+
+    if not hugepages.available():
+        pytest.skip("needs Linux, glibc >= 2.35 and transparent huge pages")
+    code = ("from edgegpt.runtime import hugepages; hugepages.enable(); import os; "
+            "print(os.environ.get('GLIBC_TUNABLES'), hugepages.active())")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("GLIBC_TUNABLES", "EDGEGPT_HUGEPAGES")}
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert on.stdout.split() == ["glibc.malloc.hugetlb=1", "True"]
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "EDGEGPT_HUGEPAGES": "0"}, check=True)
+    assert off.stdout.split() == ["None", "False"]
+
+
+def test_the_cli_restarts_with_hugepages_only_for_commands_that_run_a_model(monkeypatch):
+    import edgegpt.cli as cli
+    from edgegpt import launch
+    from edgegpt.runtime import hugepages
+
+    calls = []
+    monkeypatch.setattr(hugepages, "enable", lambda: calls.append("restart"))
+    monkeypatch.setattr(cli, "main", lambda: calls.append("main"))
+    for argv, want in ((["edgegpt", "generate", "b", "--prompt", "x"], ["restart", "main"]),
+                       (["edgegpt", "-v", "chat", "b"], ["restart", "main"]),
+                       (["edgegpt", "--no-hugepages", "eval", "b"], ["main"]),
+                       (["edgegpt", "export", "m", "--out", "b"], ["main"])):
+        calls.clear()
+        monkeypatch.setattr(sys, "argv", argv)
+        launch.main()
+        assert calls == want, argv
