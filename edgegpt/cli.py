@@ -35,7 +35,8 @@ def main(verbose: bool, no_hugepages: bool) -> None:
 @click.option("--data", "data", multiple=True, required=True, metavar="PATH",
               help="Plain-text file(s), or builtin:pydoc (CPython's bundled documentation). Repeatable.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint dir to write (HF GPT-2 layout).")
-@click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), default="tiny", show_default=True)
+@click.option("--preset", type=click.Choice(["tiny", "small", "gpt2"]), default=None,
+              help="Model size [tiny; with --teacher: half the teacher's layers at its width].")
 @click.option("--n-layer", type=click.IntRange(min=1))
 @click.option("--n-head", type=click.IntRange(min=1))
 @click.option("--n-embd", type=click.IntRange(min=1))
@@ -57,6 +58,16 @@ def main(verbose: bool, no_hugepages: bool) -> None:
 @click.option("--init", type=click.Path(exists=True, file_okay=False), help="Fine-tune this HF GPT-2 checkpoint.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in --out.")
+@click.option("--teacher", type=click.Path(exists=True, file_okay=False),
+              help="Distil from this checkpoint: the student keeps its tokenizer and vocabulary (docs/distillation.md).")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="--teacher: weight of the teacher's soft targets (1 - alpha: the text's cross-entropy).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="--teacher: softmax temperature of the soft targets.")
+@click.option("--hidden-loss", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="--teacher: weight of a cosine loss between mapped student and teacher block outputs.")
+@click.option("--init-from-teacher", is_flag=True,
+              help="--teacher: start from the teacher's embeddings and evenly spaced blocks (DistilGPT-2's start).")
 @friendly_errors
 def train(data, out, resume, overwrite, init, **kw):
     """Train a GPT (and its byte-level BPE tokenizer) on text."""

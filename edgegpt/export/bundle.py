@@ -20,7 +20,7 @@ from edgegpt.export.onnx_export import ExportOptions, export_graph
 from edgegpt.export.verify import verify_bundle
 from edgegpt.limits import check_int
 from edgegpt.manifest import MODEL_FILE, TOKENIZER_FILE, Draft, read_manifest, seal, verify_files
-from edgegpt.model.checkpoint import checkpoint_hash, config_to_hf, generation_config, load_checkpoint
+from edgegpt.model.checkpoint import checkpoint_hash, config_to_hf, distilled_from, generation_config, load_checkpoint
 from edgegpt.model.gpt import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def export_bundle(model_dir: str | Path, out: str | Path, options: ExportOptions
             "io": contract.io_spec(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size,
                                    last_logits_only=options.last_logits_only,
                                    kv_capacity=cfg.n_positions if options.kv_cache == "shared" else None),
-            "source": {"checkpoint": str(model_dir.resolve()), "sha256": checkpoint_hash(model_dir)},
+            "source": {"checkpoint": str(model_dir.resolve()), "sha256": checkpoint_hash(model_dir),
+                       **({"distilled_from": d} if (d := distilled_from(model_dir)) else {})},
             "export_seconds": round(export_s, 2),
         }
         manifest["verification"] = verify_bundle(Draft(tmp, manifest), model, tok, decode_steps=decode_steps,

@@ -67,6 +67,16 @@ def read_config(model_dir: Path) -> GPTConfig:
         raise CheckpointError(f"{path} has an invalid field: {e}") from None
 
 
+def distilled_from(model_dir: Path) -> Optional[dict]:
+    """The teacher a distilled checkpoint records in its config.json (edgegpt train --teacher), if any."""
+    try:
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    got = raw.get("distilled_from") if isinstance(raw, dict) else None
+    return got if isinstance(got, dict) else None
+
+
 def config_to_hf(cfg: GPTConfig) -> dict:
     """The config.json transformers' GPT2Config reads (and Optimum / genai look for)."""
     return {
@@ -163,14 +173,17 @@ def generation_config(cfg: GPTConfig, extra: Optional[dict] = None) -> dict:
     return gc
 
 
-def write_checkpoint_files(model: GPT, tokenizer, dest: Path, extra_files: Optional[dict[str, bytes]] = None) -> None:
-    """Write the HF layout into an existing (temporary) directory."""
+def write_checkpoint_files(model: GPT, tokenizer, dest: Path, extra_files: Optional[dict[str, bytes]] = None,
+                           extra_config: Optional[dict] = None) -> None:
+    """Write the HF layout into an existing (temporary) directory; ``extra_config`` adds edgegpt's own keys
+    to config.json (transformers keeps unknown keys as attributes)."""
     from safetensors.torch import save_file
 
     dest = Path(dest)
     save_file(edgegpt_to_hf(model), str(dest / "model.safetensors"), metadata={"format": "pt"})
     match_umask(dest / "model.safetensors")  # safetensors creates it 0600
-    (dest / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    (dest / "config.json").write_text(json.dumps({**config_to_hf(model.config), **(extra_config or {})}, indent=2)
+                                      + "\n")
     (dest / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2) + "\n")
     save_tokenizer(tokenizer, dest, model_max_length=model.config.n_positions)
     for name, data in (extra_files or {}).items():

@@ -104,3 +104,23 @@ def checkpoint_generator(model_dir, threads: Optional[int] = None):
         torch.set_num_threads(threads)
     model, tok = load_checkpoint(model_dir)
     return Generator(TorchSession(model, str(model_dir)), tok)
+
+
+@torch.no_grad()
+def draft_acceptance(target: GPT, draft: GPT, prompt_ids: Sequence[int], new_tokens: int, k: int) -> dict:
+    """How many tokens a greedy speculative step would yield with ``draft`` proposing ``k`` tokens for
+    ``target``: the target's greedy continuation is computed once; at each verification point the draft
+    continues greedily from the same prefix, the longest prefix that matches is accepted, and the target adds
+    one token of its own (its correction, or the next token after k accepted). Returns the mean tokens per
+    verification step and the acceptance rate of drafted tokens."""
+    want = generate_ids(target, prompt_ids, new_tokens)
+    steps, drafted, accepted, p = 0, 0, 0, 0
+    while p < len(want):
+        ctx = list(prompt_ids) + want[:p]
+        n = min(k, len(want) - p)
+        proposal = generate_ids(draft, ctx, n) if n else []
+        a = next((i for i, (u, v) in enumerate(zip(proposal, want[p:p + n])) if u != v), len(proposal))
+        steps, drafted, accepted = steps + 1, drafted + n, accepted + a
+        p += a + 1
+    return {"tokens_per_step": len(want) / steps, "acceptance": accepted / max(1, drafted), "steps": steps,
+            "tokens": len(want)}

@@ -47,7 +47,7 @@ TRAIN_BYTES_PER_PARAM = 16
 class TrainConfig:
     data: Sequence[str]
     out: str
-    preset: str = "tiny"
+    preset: Optional[str] = None  # tiny; with a teacher, half the teacher's depth at its width
     n_layer: Optional[int] = None
     n_head: Optional[int] = None
     n_embd: Optional[int] = None
@@ -71,13 +71,28 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    teacher: Optional[str] = None  # distil from this checkpoint (model/distill.py)
+    alpha: float = 0.5
+    temperature: float = 2.0
+    hidden_loss: float = 0.0
+    init_from_teacher: bool = False
 
     def model_config(self) -> GPTConfig:
-        if self.preset not in PRESETS:
-            raise DataError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        dims = dict(PRESETS[self.preset])
+        dims = dict(self.preset_dims() or PRESETS["tiny"])
         dims.update({k: getattr(self, k) for k in DIMS if getattr(self, k) is not None})
         return GPTConfig(**dims)
+
+    def preset_dims(self) -> Optional[dict]:
+        if self.preset is None:
+            return None
+        if self.preset not in PRESETS:
+            raise DataError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[self.preset]
+
+    def distill_config(self):
+        from edgegpt.model.distill import DistillConfig
+
+        return DistillConfig(self.teacher, self.alpha, self.temperature, self.hidden_loss, self.init_from_teacher)
 
     @property
     def warmup(self) -> int:
@@ -110,6 +125,10 @@ class TrainConfig:
             raise ArgumentError("resume and overwrite contradict each other; pick one")
         if self.resume and self.init:
             raise ArgumentError("resume continues the run in out; init starts a new one from a checkpoint: pick one")
+        if self.teacher is not None:
+            self.distill_config().validate()
+        elif self.init_from_teacher or self.hidden_loss:
+            raise ArgumentError("init_from_teacher and hidden_loss need a teacher")
 
 
 @dataclass
@@ -220,7 +239,7 @@ def _prepare_out(cfg: TrainConfig) -> Optional[dict]:
             raise CheckpointError(f"--resume: {out} has no {STATE_FILE}; train without --resume first")
         check_writable(out)
         return _load_state(out)
-    inputs = [Path(cfg.init)] if cfg.init else []
+    inputs = [Path(p) for p in (cfg.init, cfg.teacher) if p]
     inputs += [Path(d) for d in cfg.data if not str(d).startswith(BUILTIN_PREFIX)]
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         if _holds_checkpoint(out):
@@ -232,7 +251,27 @@ def _prepare_out(cfg: TrainConfig) -> Optional[dict]:
     return None
 
 
-def _save(model: GPT, tok, opt, step: int, cfg: TrainConfig, val_loss: float) -> None:
+def _planned_config(cfg: TrainConfig, teacher: Optional[GPT]) -> GPTConfig:
+    if teacher is None:
+        return cfg.model_config()
+    from edgegpt.model.distill import student_config
+
+    return student_config(teacher.config, {k: getattr(cfg, k) for k in DIMS}, cfg.preset_dims())
+
+
+def _provenance(cfg: TrainConfig) -> Optional[dict]:
+    """What config.json records of a distilled student's teacher (export copies it into the manifest)."""
+    if cfg.teacher is None:
+        return None
+    from edgegpt.model.checkpoint import checkpoint_hash
+
+    return {"distilled_from": {"teacher": str(Path(cfg.teacher).resolve()), "sha256": checkpoint_hash(cfg.teacher),
+                               "alpha": cfg.alpha, "temperature": cfg.temperature, "hidden_loss": cfg.hidden_loss,
+                               "init_from_teacher": cfg.init_from_teacher}}
+
+
+def _save(model: GPT, tok, opt, step: int, cfg: TrainConfig, val_loss: float, extra_config: Optional[dict] = None
+          ) -> None:
     """The checkpoint plus what --resume needs, all tensors and plain data (loads with weights_only)."""
     buf = io.BytesIO()
     state = {"step": step, "optimizer": opt.state_dict(), "train_config": dataclasses.asdict(cfg),
@@ -240,15 +279,21 @@ def _save(model: GPT, tok, opt, step: int, cfg: TrainConfig, val_loss: float) ->
              "torch_rng": torch.get_rng_state()}
     torch.save(state, buf)
     with atomic_dir(Path(cfg.out)) as tmp:
-        write_checkpoint_files(model, tok, tmp, extra_files={STATE_FILE: buf.getvalue()})
+        write_checkpoint_files(model, tok, tmp, extra_files={STATE_FILE: buf.getvalue()}, extra_config=extra_config)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
+    teacher_model = teacher_tok = None
+    if cfg.teacher is not None:  # an input like the others: read and checked before any work
+        from edgegpt.model.distill import check_teacher_dir
+
+        teacher_model, teacher_tok = load_checkpoint(check_teacher_dir(cfg.teacher))
     if cfg.init is None and not cfg.resume:
-        planned = cfg.model_config()
-        check_memory(TRAIN_BYTES_PER_PARAM * _param_count(planned), f"training a {_param_count(planned) / 1e6:,.0f}M "
-                     f"parameter model", "choose a smaller preset or --n-layer / --n-embd")
+        planned = _planned_config(cfg, teacher_model)
+        params = _param_count(planned) + (teacher_model.num_params() if teacher_model is not None else 0) // 4
+        check_memory(TRAIN_BYTES_PER_PARAM * params, f"training a {_param_count(planned) / 1e6:,.0f}M parameter model",
+                     "choose a smaller preset or --n-layer / --n-embd")
     rank, world = _distributed()
     state = _prepare_out(cfg)
     torch.manual_seed(cfg.seed)
@@ -260,6 +305,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     elif cfg.init:
         model, tok = load_checkpoint(cfg.init)
         start = 0
+    elif teacher_model is not None:  # the student: the teacher's tokenizer and vocabulary
+        model, tok, start = GPT(_planned_config(cfg, teacher_model)), teacher_tok, 0
     else:
         mcfg = cfg.model_config()
         tok = train_tokenizer(texts, mcfg.vocab_size)
@@ -268,6 +315,16 @@ def train(cfg: TrainConfig) -> TrainResult:
                                    bos_token_id=eos_id(tok), eos_token_id=eos_id(tok))
         model = GPT(mcfg)
         start = 0
+    teacher = None
+    if teacher_model is not None:
+        from edgegpt.model.distill import Teacher, same_tokenizer
+
+        if not same_tokenizer(tok, teacher_tok) or model.config.vocab_size != teacher_model.config.vocab_size:
+            raise CheckpointError(f"the teacher {cfg.teacher} has another tokenizer or vocabulary than the student "
+                                  f"({'--out' if state is not None else '--init'}); distil with the teacher's own")
+        teacher = Teacher(teacher_model, teacher_tok, cfg.distill_config(), model.config)
+        if cfg.init_from_teacher and state is None and not cfg.init:
+            teacher.init_student(model)
     mcfg = model.config
     block = cfg.block_size or min(mcfg.n_positions, 128)
     if block > mcfg.n_positions:
@@ -302,7 +359,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         x, y = _batch(train_ids, rng.integers(0, high + 1, size=cfg.batch_size), block)
-        loss = _loss(ddp_model, x, y)
+        if teacher is not None:
+            loss, parts = teacher.loss(ddp_model, model, x, y)
+        else:
+            loss, parts = _loss(ddp_model, x, y), {}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -315,10 +375,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             val_loss = evaluate(model, val_ids, block, cfg.batch_size, cfg.eval_batches)
             log.info("step %d: train loss %.4f, val loss %.4f", step + 1, loss_v, val_loss)
         if rank == 0 and (last or (cfg.checkpoint_interval and (step + 1) % cfg.checkpoint_interval == 0)):
-            _save(model, tok, opt, step + 1, cfg, val_loss)
+            _save(model, tok, opt, step + 1, cfg, val_loss, _provenance(cfg))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_v:.3f}", val=f"{val_loss:.3f}",
+            bar.set_postfix(loss=f"{loss_v:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}, val=f"{val_loss:.3f}",
                             tok_s=f"{tokens / max(1e-9, time.perf_counter() - t0):,.0f}")
     if bar is not None:
         bar.close()
