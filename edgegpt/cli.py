@@ -13,7 +13,8 @@ import sys
 import click
 
 from edgegpt import __version__
-from edgegpt.clikit import friendly_errors, generator_for, int_list, recipe_options, sampling_options
+from edgegpt.clikit import (friendly_errors, generator_for, int_list, recipe_options, sampling_options,
+                            speculate_option)
 from edgegpt.errors import EdgeGPTError
 from edgegpt.package.targets import TARGETS
 from edgegpt.quantize.plan import KV_CHOICES
@@ -91,11 +92,12 @@ def train(data, out, resume, overwrite, init, **kw):
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (at most the CPU count).")
 @click.option("--truncate-prompt", is_flag=True, help="Keep the prompt's last tokens when it is too long.")
 @click.option("--verify", is_flag=True, help="Check every file of the bundle against its manifest's sha256 first.")
+@speculate_option
 @friendly_errors
 def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, stream,
-             provider, fallback, threads, truncate_prompt, verify):
+             provider, fallback, threads, truncate_prompt, verify, speculate):
     """Generate text from a bundle (onnxruntime) or a checkpoint dir (PyTorch)."""
-    gen = generator_for(model, provider, threads, fallback, verify)
+    gen = generator_for(model, provider, threads, fallback, verify, speculate)
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
               truncate_prompt=truncate_prompt, stop=stop)
     if not stream:
@@ -243,9 +245,10 @@ def quantize(bundle, out, mode, kv_cache, calibration, eval_text, max_ppl_increa
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
 @click.option("--stats", is_flag=True, help="After each reply, print the history's length, the tokens reused from "
                                             "the last turn's KV cache, TTFT and decode speed (to stderr).")
+@speculate_option
 @friendly_errors
 def chat(bundle, system_text, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, provider,
-         threads, stats):
+         threads, stats, speculate):
     """Continue a history turn by turn: each line on stdin joins it, then the model's reply does.
 
     The history is kept as token ids. On a --kv-cache shared bundle each turn starts from the last turn's
@@ -254,7 +257,8 @@ def chat(bundle, system_text, max_new_tokens, temperature, top_k, top_p, repetit
     from edgegpt.runtime import Generator
     from edgegpt.runtime.chat import Chat
 
-    conversation = Chat(Generator.load(bundle, provider=provider, threads=threads), system=system_text,
+    conversation = Chat(Generator.load(bundle, provider=provider, threads=threads, speculate=speculate),
+                        system=system_text,
                         max_new_tokens=max_new_tokens, stop=stop, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, seed=seed)
     if stats and not conversation.reuses_cache:
@@ -328,9 +332,11 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
 @click.option("--hugepages", type=click.Choice(["edgegpt", "all", "none"]), default="edgegpt", show_default=True,
               help="Whose worker processes start with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (huge pages for the "
                    "weights; Linux, glibc >= 2.35): edgegpt's, every system's, or none.")
+@click.option("--speculate", metavar="lookup|DRAFT_BUNDLE", default=None,
+              help="Also run every --kv-cache shared bundle with full logits speculating (rows '+lookup', '+draft').")
 @friendly_errors
 def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider, warmup, runs, settle, baselines,
-          checkpoint, gguf, genai_bundles, sweep_context, plot_path, json_path, roofline, hugepages):
+          checkpoint, gguf, genai_bundles, sweep_context, plot_path, json_path, roofline, hugepages, speculate):
     """Time bundles (interleaved) on a workload: TTFT, decode tok/s, RSS, size, load time."""
     from edgegpt.bench import report
     from edgegpt.bench.bench import BenchConfig, resolve_workload, run_bench, thread_counts
@@ -346,7 +352,7 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
     cfg = BenchConfig(bundles=list(bundles), workload=w, threads=counts[0] if len(counts) == 1 else counts,
                       provider=provider, warmup=warmup, runs=runs, baselines=tuple(baselines), checkpoint=checkpoint,
                       sweep=sweep, roofline=roofline, gguf=tuple(gguf), settle_s=settle, genai=tuple(genai_bundles),
-                      hugepages=hugepages)
+                      hugepages=hugepages, speculate=speculate)
     from tqdm.auto import tqdm
 
     bars = []

@@ -54,16 +54,18 @@ def int_list(value: str, option: str, example: str) -> list[int]:
         raise click.UsageError(f"{option} takes comma-separated integers, e.g. {example}; got {value!r}") from None
 
 
-def generator_for(path: str, provider: str, threads, fallback: bool, verify: bool):
+def generator_for(path: str, provider: str, threads, fallback: bool, verify: bool, speculate=None):
     """The runtime's Generator over a bundle (onnxruntime) or a checkpoint dir (PyTorch)."""
     from edgegpt.manifest import folder_kind
 
     if folder_kind(path) == "bundle":
         from edgegpt.runtime import Generator
 
-        return Generator.load(path, provider=provider, threads=threads, fallback=fallback, verify_files=verify)
-    if provider != "cpu" or fallback or verify:
-        raise click.ClickException("--provider, --fallback and --verify apply to bundles; export the checkpoint first")
+        return Generator.load(path, provider=provider, threads=threads, fallback=fallback, verify_files=verify,
+                              speculate=speculate)
+    if provider != "cpu" or fallback or verify or speculate:
+        raise click.ClickException("--provider, --fallback, --verify and --speculate apply to bundles; export the "
+                                   "checkpoint first")
     from edgegpt.model.generate import checkpoint_generator
 
     return checkpoint_generator(path, threads)
@@ -99,3 +101,11 @@ def _typed(choices: tuple):
     """A click callback turning the chosen string back into the card's own value (an int, a bool)."""
     by_text = {str(c): c for c in choices}
     return lambda ctx, param, value: None if value is None else by_text[value]
+
+
+def speculate_option(fn):
+    """--speculate: decode several tokens per step of the bundle, with its own output (runtime/speculate.py)."""
+    return click.option("--speculate", metavar="lookup|DRAFT_BUNDLE", default=None,
+                        help="Speculative decoding, same output: lookup (n-gram matches in the prompt and the text "
+                             "so far) or a draft bundle sharing the tokenizer (e.g. the int4 bundle of the same "
+                             "model). Needs a --kv-cache shared bundle with every position's logits.")(fn)

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-TEACHER = ["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--n-positions", "256", "--vocab-size", "4096"]
+TEACHER = ["--n-layer", "4", "--n-head", "4", "--n-embd", "128", "--n-positions", "256", "--vocab-size", "4096"]
 STUDENTS = {
     "scratch (teacher's tokenizer, cross-entropy only)": ["--alpha", "0"],
     "distilled (alpha 0.5, T 2)": [],

@@ -41,6 +41,7 @@ class BenchConfig:
     settle_s: float = 0.25  # idle time before each run (see harness.measure)
     genai: tuple[str, ...] = ()  # onnxruntime-genai's loop on these bundles (same graphs, its generator)
     hugepages: str = "edgegpt"  # whose workers start with glibc's huge pages: edgegpt | all | none
+    speculate: Optional[str] = None  # "lookup" or a draft bundle: each eligible bundle also runs speculating
 
 
 @dataclass
@@ -203,6 +204,13 @@ def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads
     systems: list[System] = [EdgeGPT(b, threads, cfg.provider, label) for b, label in zip(cfg.bundles, labels)]
     for s, m in zip(systems, manifests):
         s.precision = m["precision"]
+    if cfg.speculate:
+        name = "lookup" if cfg.speculate == "lookup" else f"draft {Path(cfg.speculate).name}"
+        for b, label, m in zip(cfg.bundles, labels, manifests):
+            o = m["graph"]["options"]
+            if o.get("shared_kv_buffer") and not o.get("last_logits_only"):  # what verification needs
+                systems.append(EdgeGPT(b, threads, cfg.provider, f"{label} +{name}", speculate=cfg.speculate))
+                systems[-1].precision = m["precision"]
     # Optimum needs the plain contract (a growing past, every position's logits): the first such bundle.
     plain = next((b for b, m in zip(cfg.bundles, manifests)
                   if not m["graph"]["options"].get("shared_kv_buffer") and not m["graph"]["options"].get("last_logits_only")),

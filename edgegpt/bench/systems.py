@@ -85,15 +85,16 @@ class System(ABC):
 class EdgeGPT(System):
     kind = "edgegpt"
 
-    def __init__(self, bundle: str, threads: Optional[int], provider: str, label: Optional[str] = None):
-        self.bundle, self.threads, self.provider = bundle, threads, provider
+    def __init__(self, bundle: str, threads: Optional[int], provider: str, label: Optional[str] = None,
+                 speculate: Optional[str] = None):
+        self.bundle, self.threads, self.provider, self.speculate = bundle, threads, provider, speculate
         self.label = label or Path(bundle).name
 
     def load(self) -> None:
         from edgegpt.runtime import Generator
         from edgegpt.runtime.generator import GenerationConfig
 
-        self.gen = Generator.load(self.bundle, provider=self.provider, threads=self.threads)
+        self.gen = Generator.load(self.bundle, provider=self.provider, threads=self.threads, speculate=self.speculate)
         self._cfg = GenerationConfig
 
     def run(self, prompts, new_tokens):

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -83,7 +84,9 @@ class Generator:
     (GPT-2 small: 75 MB fp32, 19 MB with the int8 cache). ``last_reused_tokens`` says how many
     prompt tokens the last generation took from it."""
 
-    def __init__(self, session: ModelSession, tokenizer, *, prompt_cache: bool = False):
+    def __init__(self, session: ModelSession, tokenizer, *, prompt_cache: bool = False, speculate=None):
+        """speculate: None, "lookup" (n-gram prompt lookup) or a draft Generator sharing the tokenizer
+        (runtime/speculate.py); single-prompt generations then verify drafted tokens in one step."""
         self.session, self.tokenizer = session, tokenizer
         self.max_context = session.max_context
         eos = session.eos_token_id
@@ -99,17 +102,47 @@ class Generator:
         self._cached: list[int] = []
         self._cached_n = 0
         self.last_reused_tokens = 0
+        self.drafter = self._drafter(speculate)
+        if self.drafter is not None:
+            from edgegpt.runtime.speculate import Payoff
+
+            self._payoff = Payoff()
+        self.last_tokens_per_step = None  # speculation: tokens the last generation yielded per target step
+
+    def _drafter(self, speculate):
+        from edgegpt.runtime import speculate as spec
+
+        if speculate is None:
+            return None
+        s = self.session
+        if not s.kv_capacity or s.last_logits_only:
+            raise ArgumentError(f"speculative decoding verifies several tokens in one step: {s.bundle} needs a shared "
+                                f"KV buffer and every position's logits (export with --kv-cache shared, without "
+                                f"--last-logits-only)")
+        if speculate == "lookup":
+            return spec.LookupDrafter()
+        if isinstance(speculate, Generator):
+            if speculate.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise ArgumentError(f"the draft {speculate.session.bundle} has another tokenizer than the target: a "
+                                    f"draft must share it")
+            return spec.ModelDrafter(speculate, s)
+        raise ArgumentError(f"speculate must be None, 'lookup' or a draft Generator, got {speculate!r}")
 
     @classmethod
     def load(cls, bundle: str | Path, provider: str = "cpu", threads: Optional[int] = None, *,
              fallback: bool = False, provider_options: Optional[dict] = None, spinning: bool = True,
              optimization: str = "all", session_config: Optional[dict] = None,
-             prompt_cache: bool = False, verify_files: bool = False) -> "Generator":
-        """verify_files: check every file of the bundle against its manifest's sha256 first."""
+             prompt_cache: bool = False, verify_files: bool = False, speculate=None) -> "Generator":
+        """verify_files: check every file of the bundle against its manifest's sha256 first. speculate:
+        "lookup", or a draft bundle's path (loaded with the same provider and threads), or a Generator."""
         session = ModelSession(bundle, provider=provider, threads=threads, fallback=fallback,
                                provider_options=provider_options, spinning=spinning, optimization=optimization,
                                session_config=session_config, verify_files=verify_files)
-        return cls(session, load_bundle_tokenizer(bundle), prompt_cache=prompt_cache)
+        if speculate is not None and speculate != "lookup" and not isinstance(speculate, Generator):
+            # the draft's threads must not spin while the target's run (they share the cores)
+            speculate = cls.load(speculate, provider=provider, threads=threads, fallback=fallback,
+                                 spinning=False, verify_files=verify_files)
+        return cls(session, load_bundle_tokenizer(bundle), prompt_cache=prompt_cache, speculate=speculate)
 
     def clear_prompt_cache(self) -> None:
         """Forget the kept KV cache (the next generation prefills its whole prompt)."""
@@ -186,6 +219,10 @@ class Generator:
         else:
             cache = self.session.start(B, slots=total)
         cache.set_screen_margin(screen_margin(params))
+        if self.drafter is not None and B == 1:
+            yield from self._speculative(cache, list(prompts[0]), step_ids, step_pos, length, cfg, rng, seen,
+                                         set(stop_arr.tolist()), reuse)
+            return
         for _ in range(cfg.max_new_tokens):
             logits = cache.step(step_ids, np.ascontiguousarray(full_mask[:, :length]), step_pos)
             if reuse:
@@ -204,6 +241,53 @@ class Generator:
             length += 1
             if reuse:
                 self._cached.append(int(nxt[0]))
+
+    def _speculative(self, cache, context: list[int], step_ids, step_pos, length: int, cfg: GenerationConfig, rng,
+                     seen, stops: set, reuse: bool) -> Iterator[np.ndarray]:
+        """iter_ids for one prompt with a drafter (runtime/speculate.py). ``length``: tokens the cache holds
+        after the first step; each later step feeds the pending token and up to K drafts."""
+        from edgegpt.runtime.speculate import AdaptiveK, verify
+
+        params, drafter, k, payoff = cfg.params, self.drafter, AdaptiveK(), self._payoff
+        drafter.reset()
+        row_seen = None if seen is None else seen[0]
+        logits = cache.step(step_ids, np.ones((1, length), np.int64), step_pos)
+        if reuse:
+            self._cached, self._cached_n = context, length
+        new = [int(select_next(logits, params, rng, seen)[0])]
+        emitted, steps = 0, 1
+        while True:
+            for tok in new:  # the tokens this step settled: kept drafts, then the target's own pick
+                context.append(tok)
+                if row_seen is not None:
+                    row_seen[tok] = True
+                emitted += 1
+                yield np.asarray([tok], np.int64)
+                if tok in stops or emitted == cfg.max_new_tokens:
+                    self.last_tokens_per_step = emitted / steps
+                    return
+            t = context[-1]  # pending: sampled, not in the cache yet; the cache holds `length` tokens
+            room = cfg.max_new_tokens - emitted - 1
+            t0 = time.perf_counter()
+            drafts, dists = drafter.propose(context, min(k.k, room), params, rng, row_seen) \
+                if room > 0 and payoff.speculate() else ([], None)
+            feed = np.asarray([[t, *drafts]], np.int64)
+            mask = np.ones((1, length + feed.shape[1]), np.int64)
+            pos = np.arange(length, length + feed.shape[1], dtype=np.int64)[None]
+            steps += 1
+            if not drafts:
+                logits = cache.step(feed, mask, pos)
+                new = [int(select_next(logits, params, rng, seen)[0])]
+                payoff.plain(time.perf_counter() - t0)
+            else:
+                rows = cache.step(feed, mask, pos, all_rows=True)[0]
+                kept, follow = verify(rows, drafts, dists, params, rng, None if row_seen is None else row_seen.copy())
+                k.update(len(drafts), kept)
+                payoff.speculative(time.perf_counter() - t0, kept + 1)
+                new = [*drafts[:kept], follow]
+            length += len(new)
+            if reuse:
+                self._cached_n = length
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, **kw) -> list[list[int]]:
         """New ids per prompt; a row ends at (and includes) its first stop/eos token."""

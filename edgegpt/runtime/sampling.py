@@ -72,7 +72,10 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     logits[seen] = np.where(hit > 0, hit / penalty, hit * penalty)
 
 
-def _sample_row(row: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
+def distribution(row: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The distribution sampling draws from for one row of (penalized) logits: the candidate ids (after
+    top-k and top-p) and their probabilities at the temperature. Speculative sampling's acceptance rule
+    compares the target's and the draft's."""
     row = row.astype(np.float64) / p.temperature
     idx = np.arange(row.shape[0])
     if p.top_k and p.top_k < row.shape[0]:
@@ -82,6 +85,11 @@ def _sample_row(row: np.ndarray, p: SamplingParams, rng: np.random.Generator) ->
     sub = row[idx]
     probs = np.exp(sub - sub.max())
     probs /= probs.sum()
+    return idx, probs
+
+
+def _sample_row(row: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
+    idx, probs = distribution(row, p)
     return int(idx[rng.choice(idx.shape[0], p=probs)])
 
 

@@ -245,8 +245,10 @@ class KVCache:
                 b.bind_output(name, s.device)
         self._outputs_for = one_row
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Run one step; returns the last position's logits (B, V) float32. The array may be
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, *,
+             all_rows: bool = False) -> np.ndarray:
+        """Run one step; returns the last position's logits (B, V) float32, or with ``all_rows`` every fed
+        position's (B, T, V) (speculative verification; not on --last-logits-only bundles). The array may be
         overwritten by the next step: consume it first."""
         s, b = self.s, self.binding
         one_row = input_ids.shape[1] == 1 or s.last_logits_only
@@ -277,5 +279,7 @@ class KVCache:
             outs = b.get_outputs()
             if not s.kv_capacity:  # concat layout: this step's present is the next step's past
                 self.past = list(outs[1:])
-            logits = self._logits[:, -1, :] if one_row else outs[0].numpy()[:, -1, :]
+            logits = self._logits[:, -1, :] if one_row else outs[0].numpy()[:, slice(None) if all_rows else -1, :]
+        if all_rows and logits.ndim == 2:
+            logits = logits[:, None, :]
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
