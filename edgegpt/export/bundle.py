@@ -22,6 +22,7 @@ from edgegpt.limits import check_int
 from edgegpt.manifest import MODEL_FILE, TOKENIZER_FILE, Draft, read_manifest, seal, verify_files
 from edgegpt.model.checkpoint import checkpoint_hash, config_to_hf, distilled_from, generation_config, load_checkpoint
 from edgegpt.model.gpt import GPTConfig
+from edgegpt.model.tokenizer import tokenizer_config_files
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ def genai_config(cfg: GPTConfig, kv_dtype: str = "float32") -> dict:
 
 def write_side_files(dest: Path, cfg: GPTConfig, tok, kv_dtype: str = "float32", shared_kv: bool = False) -> None:
     tok.save(str(dest / TOKENIZER_FILE))
+    for name, text in tokenizer_config_files(tok, model_max_length=cfg.n_positions).items():
+        (dest / name).write_text(text)
     (dest / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
     (dest / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
     gc = genai_config(cfg, kv_dtype)

@@ -56,22 +56,25 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     raise CheckpointError(f"{model_dir} has no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
 
 
+def tokenizer_config_files(tok: Tokenizer, *, model_max_length: int) -> dict[str, str]:
+    """tokenizer_config.json and special_tokens_map.json, which transformers' AutoTokenizer and transformers.js
+    read beside tokenizer.json to know the tokenizer's class and special tokens."""
+    eos = EOS_TOKEN if tok.token_to_id(EOS_TOKEN) is not None else None
+    cfg = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
+           "bos_token": eos, "eos_token": eos, "unk_token": eos}
+    special = {k: eos for k in ("bos_token", "eos_token", "unk_token")} if eos else {}
+    return {"tokenizer_config.json": json.dumps(cfg, indent=2) + "\n",
+            "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
+
+
 def save_tokenizer(tok: Tokenizer, dest: Path, *, model_max_length: int) -> None:
-    """tokenizer.json (for `tokenizers` and the runtime), vocab.json + merges.txt and
-    tokenizer_config.json (so transformers' GPT2Tokenizer / AutoTokenizer load it too)."""
+    """tokenizer.json (for `tokenizers` and the runtime), vocab.json + merges.txt and the config files
+    (so transformers' GPT2Tokenizer / AutoTokenizer load it too)."""
     dest = Path(dest)
     tok.save(str(dest / "tokenizer.json"))
     tok.model.save(str(dest))
-    eos = EOS_TOKEN if tok.token_to_id(EOS_TOKEN) is not None else None
-    cfg = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": model_max_length,
-        "add_prefix_space": False,
-        "bos_token": eos,
-        "eos_token": eos,
-        "unk_token": eos,
-    }
-    (dest / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    for name, text in tokenizer_config_files(tok, model_max_length=model_max_length).items():
+        (dest / name).write_text(text)
 
 
 def eos_id(tok: Tokenizer) -> int | None:

@@ -25,7 +25,8 @@ from edgegpt.quantize.measure import io_with_kv, measure
 from edgegpt.quantize.plan import QuantizePlan, plan_quantize
 from edgegpt.quality.evaluate import AGREEMENT_PROMPTS
 
-SIDE_FILES = (TOKENIZER_FILE, "config.json", "generation_config.json", "genai_config.json")
+SIDE_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "config.json",
+              "generation_config.json", "genai_config.json")
 # Manifest sections that describe the source's own files and export, not the new bundle.
 SOURCE_ONLY = ("format", "format_version", "verification", "files", "size_bytes", "export_seconds")
 

@@ -60,6 +60,22 @@ def test_export_verifies_and_describes_itself(hf_checkpoint, tmp_path, shape, gr
     assert not list(tmp_path.glob(".b.tmp-*"))
 
 
+def test_the_bundle_tokenizer_loads_in_transformers_like_the_runtimes(bundle, tmp_path):
+    """tokenizer_config.json and special_tokens_map.json beside tokenizer.json name the tokenizer's class and
+    special tokens, as transformers.js needs: AutoTokenizer loads from those three files alone (no
+    config.json to guess the class from) and gives the runtime's ids and eos."""
+    transformers = pytest.importorskip("transformers")
+    from edgegpt.runtime import Generator
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(bundle / name, tmp_path / name)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    gen = Generator.load(bundle)
+    text = "The with statement wraps a block: ünïcode too."
+    assert tok(text)["input_ids"] == gen.encode(text)
+    assert tok.eos_token_id == gen.eos_token_id and type(tok).__name__.startswith("GPT2Tokenizer")
+
+
 def _no_dead_nodes(g):
     produced = {o for n in g.graph.node for o in n.output if o}
     consumed = {i for n in g.graph.node for i in n.input} | {o.name for o in g.graph.output}
