@@ -103,24 +103,55 @@ def config_to_hf(cfg: GPTConfig) -> dict:
     }
 
 
-def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files, as the Hub lays them out: model.safetensors, or shards named by
+    model.safetensors.index.json; else pytorch_model.bin, or its shards. Shard names must be files of the dir."""
+    model_dir = Path(model_dir)
     for name in WEIGHT_FILES:
-        path = model_dir / name
-        if not path.is_file():
-            continue
-        try:
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
+        if (model_dir / name).is_file():
+            return [model_dir / name]
+        index = model_dir / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index} is not a weight index ({type(e).__name__}); re-save the checkpoint") \
+                    from None
+            paths = []
+            for shard in shards:
+                if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
+                    raise CheckpointError(f"{index} names {shard!r}, which is not a file of {model_dir}")
+                if not (model_dir / shard).is_file():
+                    raise CheckpointError(f"{model_dir} is missing {shard}, which {index.name} lists")
+                paths.append(model_dir / shard)
+            return paths
+    raise CheckpointError(f"{model_dir} has no weights ({' or '.join(WEIGHT_FILES)}, or their sharded index)")
 
-                return load_file(str(path))
-            state = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickles code
-        except Exception as e:  # corrupt file: safetensors / pickle errors vary by version
-            msg = str(e).splitlines()[0][:200] if str(e) else ""
-            raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {msg}); re-download or re-save it") from None
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise CheckpointError(f"{path} does not hold a state dict of named tensors; re-save it")
-        return state
-    raise CheckpointError(f"{model_dir} has no weights ({' or '.join(WEIGHT_FILES)})")
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:  # corrupt file: safetensors / pickle errors vary by version
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {msg}); re-download or re-save it") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"{path} does not hold a state dict of named tensors; re-save it")
+    return state
+
+
+def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(model_dir):
+        part = _read_file(path)
+        twice = state.keys() & part.keys()
+        if twice:
+            raise CheckpointError(f"{path.name} repeats {sorted(twice)[0]} from another shard; re-save the checkpoint")
+        state.update(part)
+    return state
 
 
 def hf_to_edgegpt(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -205,13 +236,10 @@ def load_checkpoint(model_dir: str | Path):
 
 
 def checkpoint_hash(model_dir: str | Path) -> str:
-    """sha256 of the weights file: identifies the source of a bundle."""
-    model_dir = Path(model_dir)
-    for name in WEIGHT_FILES:
-        if (model_dir / name).is_file():
-            h = hashlib.sha256()
-            with open(model_dir / name, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            return h.hexdigest()
-    raise CheckpointError(f"{model_dir} has no weights ({' or '.join(WEIGHT_FILES)})")
+    """sha256 of the weights (of each shard in turn, for a sharded checkpoint): identifies a bundle's source."""
+    h = hashlib.sha256()
+    for path in weight_files(Path(model_dir)):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -103,3 +103,40 @@ def test_parameter_shapes_are_the_modules_own():
                 GPTConfig(vocab_size=7, n_positions=4, n_embd=8, n_layer=1, n_head=2, n_inner=20)):
         real = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items() if k != "lm_head.weight"}
         assert parameter_shapes(cfg) == real
+
+
+@pytest.mark.parametrize("layout", ["sharded-safetensors", "sharded-bin", "fp16"])
+def test_hub_layouts_load_with_the_weights_they_hold(hf_checkpoint, tmp_path, layout):
+    """Sharded checkpoints (model-00001-of-0000N + index, as save_pretrained writes models over its shard
+    size) and fp16-stored weights load into the same model transformers builds from them."""
+    src = hf_checkpoint("gpt2-like")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(src).eval()
+    if layout == "fp16":
+        hf = hf.half()
+    hf.save_pretrained(tmp_path / "c", max_shard_size="200KB" if layout.startswith("sharded") else "10GB",
+                       safe_serialization=layout != "sharded-bin")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, tmp_path / "c" / name)
+    files = sorted(p.name for p in (tmp_path / "c").iterdir())
+    if layout.startswith("sharded"):
+        assert any(n.endswith(".index.json") for n in files) and sum("-of-" in n for n in files) > 1
+    model = load_model(tmp_path / "c")
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        want = hf.float()(ids).logits
+        assert (want - model(ids)[0]).abs().max().item() < 1e-4
+    from edgegpt.model.checkpoint import checkpoint_hash
+
+    assert len(checkpoint_hash(tmp_path / "c")) == 64
+
+
+def test_a_shard_index_pointing_outside_is_refused(hf_checkpoint, tmp_path):
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_checkpoint("gpt2-like"))
+    hf.save_pretrained(tmp_path / "c", max_shard_size="200KB")
+    index = next((tmp_path / "c").glob("*.index.json"))
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = "../elsewhere.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="which is not a file of"):
+        load_model(tmp_path / "c")
