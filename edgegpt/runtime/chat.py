@@ -32,7 +32,8 @@ class Chat:
     def __init__(self, generator: Generator, *, system: str = "", max_new_tokens: int = 64,
                  stop: Sequence[str] = (), **sampling):
         if generator.session.kv_capacity and not generator.prompt_cache:
-            generator = Generator(generator.session, generator.tokenizer, prompt_cache=True)
+            generator = Generator(generator.session, generator.tokenizer, prompt_cache=True,
+                                  speculate=generator.speculate)
         if max_new_tokens >= generator.max_context:
             raise ArgumentError(f"max_new_tokens ({max_new_tokens}) must be below the model's context of "
                                 f"{generator.max_context}")

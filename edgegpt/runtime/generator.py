@@ -102,6 +102,7 @@ class Generator:
         self._cached: list[int] = []
         self._cached_n = 0
         self.last_reused_tokens = 0
+        self.speculate = speculate
         self.drafter = self._drafter(speculate)
         if self.drafter is not None:
             from edgegpt.runtime.speculate import Payoff

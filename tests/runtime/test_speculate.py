@@ -131,3 +131,13 @@ def test_what_cannot_speculate_is_refused(bundles, hf_checkpoint, tmp_path):
     with pytest.raises(ArgumentError, match="speculate must be"):
         Generator(Generator.load(bundles / "fp32").session, Generator.load(bundles / "fp32").tokenizer,
                   speculate="ngram")
+
+
+def test_chat_keeps_its_drafter(bundles):
+    from edgegpt.runtime.chat import Chat
+
+    plain = Chat(Generator.load(bundles / "fp32"), max_new_tokens=16)
+    spec = Chat(Generator.load(bundles / "fp32", speculate="lookup"), max_new_tokens=16)
+    assert spec.gen.drafter is not None and spec.reuses_cache
+    for line in ("The with statement", "and the try statement"):
+        assert "".join(spec.turn(line)) == "".join(plain.turn(line))
