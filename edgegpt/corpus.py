@@ -1,9 +1,10 @@
 """Text: plain files or the built-in corpus ``builtin:pydoc``, and how it is split.
 
-``builtin:pydoc`` is CPython's own reference documentation (``pydoc_data.topics``), present in
-every installation; it is read at run time and never copied into this repository. Its last
-HELD_OUT_FRACTION is what the trainer validates on and what quality is measured on
-(``default_eval_text``); calibration reads only the rest (``calibration_text``).
+``builtin:pydoc`` is CPython's own reference documentation (``pydoc_data.topics``, about 110k tokens),
+present in every installation; ``builtin:pystdlib`` is the standard library's own source (about 9 MB), with
+a few packages held out (``builtin:pystdlib-heldout``). Both are read at run time and never copied into
+this repository. pydoc's last HELD_OUT_FRACTION is what the trainer validates on and what quality is measured
+on (``default_eval_text``); calibration reads only the rest (``calibration_text``).
 
 Pure Python: the runtime's quality tools use it without torch.
 """
@@ -27,7 +28,33 @@ def builtin_pydoc() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-BUILTINS = {"pydoc": builtin_pydoc}
+# builtin:pystdlib: the running Python's own standard library source. Tests, bundled packages and the codec
+# tables are left out (they are data more than code); these packages are held out of it for evaluation and
+# prompts (builtin:pystdlib-heldout), about 5% of the rest.
+STDLIB_SKIP = {"test", "tests", "site-packages", "dist-packages", "encodings", "pydoc_data", "idlelib", "lib2to3",
+               "turtledemo", "__pycache__"}
+STDLIB_HELD_OUT = ("email", "http", "json")
+
+
+def _stdlib_files() -> tuple[list[Path], Path]:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(f for f in root.rglob("*.py") if not STDLIB_SKIP & set(f.relative_to(root).parts))
+    if not files:
+        raise DataError(f"builtin:pystdlib found no Python source under {root}; pass text files")
+    return [f.relative_to(root) for f in files], root
+
+
+def builtin_pystdlib(held_out: bool = False) -> str:
+    """The standard library's source, one file after another, without (or only) the held-out packages."""
+    rel, root = _stdlib_files()
+    keep = [f for f in rel if (f.parts[0] in STDLIB_HELD_OUT) == held_out]
+    return "\n\n".join((root / f).read_text(encoding="utf-8", errors="replace") for f in keep)
+
+
+BUILTINS = {"pydoc": builtin_pydoc, "pystdlib": builtin_pystdlib,
+            "pystdlib-heldout": lambda: builtin_pystdlib(held_out=True)}
 
 
 def read_text(source: str | Path) -> str:

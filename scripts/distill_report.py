@@ -1,8 +1,8 @@
-"""Does distillation pay? Trains a teacher on builtin:pydoc, then students of one shape on the same data and
-steps: from scratch (the teacher's tokenizer, cross-entropy only) and distilled (edgegpt train --teacher), and
-prints docs/distillation.md's tables: held-out perplexity, KL and top-1 agreement to the teacher (the bundles'
-own evaluator on builtin:pydoc's held-out tail), training speed, and greedy tokens per verification step with
-the student as the teacher's speculative draft.
+"""Does distillation pay? Trains a teacher on builtin:pystdlib (the standard library's source, a few packages
+held out), then students of one shape on the same data and steps: from scratch (the teacher's tokenizer,
+cross-entropy only) and distilled (edgegpt train --teacher), and prints docs/distillation.md's table: held-out
+perplexity, KL and top-1 agreement to the teacher (the bundles' own evaluator on builtin:pystdlib-heldout),
+training time per step, and greedy tokens per verification step with the student as the teacher's draft.
 
     python scripts/distill_report.py out/distill [--teacher-steps 1500] [--student-steps 600]
 """
@@ -24,7 +24,7 @@ STUDENTS = {
     "distilled + init from teacher": ["--init-from-teacher"],
     "distilled + init + hidden-state loss 1.0": ["--init-from-teacher", "--hidden-loss", "1.0"],
 }
-COMMON = ["--data", "builtin:pydoc", "--block-size", "128", "--batch-size", "16", "--eval-interval", "0"]
+COMMON = ["--data", "builtin:pystdlib", "--block-size", "128", "--batch-size", "16", "--eval-interval", "0"]
 
 
 def edgegpt(*args: str) -> str:
@@ -67,12 +67,12 @@ def main() -> None:
         if not (root / f"{d}-bundle" / "edgegpt.json").is_file():
             edgegpt("export", str(root / d), "--out", str(root / f"{d}-bundle"))
 
-    from edgegpt.corpus import default_eval_text
+    from edgegpt.corpus import read_text
     from edgegpt.model import load_checkpoint
     from edgegpt.model.generate import draft_acceptance
     from edgegpt.quality.evaluate import evaluate
 
-    text = default_eval_text()
+    text = read_text("builtin:pystdlib-heldout")[:60_000]
     teacher, tok = load_checkpoint(root / "teacher")
     ids = tok.encode(text).ids
     prompts = [ids[s:s + 64] for s in range(0, len(ids) - 64, max(1, (len(ids) - 64) // 8))][:8]
