@@ -82,6 +82,9 @@ def test_the_student_is_an_ordinary_checkpoint_end_to_end(students, tmp_path):
     assert res.exit_code == 0, res.output
     gen = runner.invoke(main, ["generate", str(tmp_path / "int8"), "--prompt", "The", "--max-new-tokens", "4"])
     assert gen.exit_code == 0 and gen.output.startswith("The")
+    bench = runner.invoke(main, ["bench", str(tmp_path / "fp32"), str(tmp_path / "int8"), "--prompt-tokens", "8",
+                                 "--new-tokens", "4", "--runs", "1", "--warmup", "0", "--settle", "0"])
+    assert bench.exit_code == 0 and "| edgegpt int8 (int8) |" in bench.output, bench.output
 
 
 def test_init_from_teacher_copies_the_mapped_blocks(trained_checkpoint, tmp_path):
@@ -135,3 +138,21 @@ def test_resume_continues_a_distillation(trained_checkpoint, tmp_path):
     train(TrainConfig(out=str(out), teacher=str(trained_checkpoint), max_steps=3, **BASE))
     res = train(TrainConfig(out=str(out), teacher=str(trained_checkpoint), max_steps=5, resume=True, **BASE))
     assert res.steps == 5 and torch.load(out / "training_state.pt", weights_only=True)["step"] == 5
+
+
+@pytest.mark.slow
+def test_distillation_runs_under_torchrun(trained_checkpoint, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "edgegpt.cli",
+           "train", "--data", "builtin:pydoc", "--out", str(out), "--teacher", str(trained_checkpoint),
+           "--init-from-teacher", "--hidden-loss", "0.5", "--block-size", "32", "--batch-size", "4", "--max-steps", "4"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert torch.load(out / "training_state.pt", weights_only=True)["step"] == 4
+    assert json.loads((out / "config.json").read_text())["distilled_from"]["init_from_teacher"] is True
