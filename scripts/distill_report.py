@@ -23,6 +23,7 @@ STUDENTS = {
     "distilled (alpha 0.5, T 2)": [],
     "distilled + init from teacher": ["--init-from-teacher"],
     "distilled + init + hidden-state loss 1.0": ["--init-from-teacher", "--hidden-loss", "1.0"],
+    "distilled + init, alpha 0.9, T 1": ["--init-from-teacher", "--alpha", "0.9", "--temperature", "1"],
 }
 COMMON = ["--data", "builtin:pystdlib", "--block-size", "128", "--batch-size", "16", "--eval-interval", "0"]
 
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--student-steps", type=int, default=600)
     ap.add_argument("--student-layers", type=int, default=2)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per verification step")
+    ap.add_argument("--only", default=None, help="comma-separated student numbers to train (default: all)")
     args = ap.parse_args()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -58,12 +60,14 @@ def main() -> None:
     trained(root / "teacher", [*TEACHER, "--max-steps", str(args.teacher_steps)])
     print(f"teacher ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     per_step = {}
-    for i, (name, extra) in enumerate(STUDENTS.items()):
+    chosen = [int(x) for x in args.only.split(",")] if args.only else list(range(len(STUDENTS)))
+    students = {name: extra for i, (name, extra) in enumerate(STUDENTS.items()) if i in chosen}
+    for i, (name, extra) in zip(chosen, students.items()):
         per_step[name] = trained(root / f"student{i}", ["--teacher", str(root / "teacher"), "--n-layer",
                                                         str(args.student_layers), "--max-steps",
                                                         str(args.student_steps), *extra])
         print(f"{name} ready", file=sys.stderr)
-    for d in ["teacher", *[f"student{i}" for i in range(len(STUDENTS))]]:
+    for d in ["teacher", *[f"student{i}" for i in chosen]]:
         if not (root / f"{d}-bundle" / "edgegpt.json").is_file():
             edgegpt("export", str(root / d), "--out", str(root / f"{d}-bundle"))
 
@@ -82,7 +86,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| teacher ({args.teacher_steps} steps) | {ref.perplexity:.2f} | - | - | - | - | - | - |")
     base_ppl = base_tps = None
-    for i, name in enumerate(STUDENTS):
+    for i, name in zip(chosen, students):
         r = evaluate(root / f"student{i}-bundle", text, reference=root / "teacher-bundle")
         draft, _ = load_checkpoint(root / f"student{i}")
         acc = [draft_acceptance(teacher, draft, p, 64, args.k) for p in prompts]
