@@ -197,7 +197,7 @@ class Payoff:
 
     def speculative(self, seconds: float, tokens: int) -> None:
         self.spec = (self.spec + [(seconds, tokens)])[-self.WINDOW:]
-        if len(self.spec) == self.WINDOW or self.off:
+        if self.plain_s and (len(self.spec) == self.WINDOW or self.off):
             # medians on both sides: a step the OS preempts (a shared 2-core host) must not decide alone
             per_token = float(np.median([s / n for s, n in self.spec]))
             off = per_token > self.MARGIN * float(np.median(self.plain_s))
