@@ -175,14 +175,15 @@ class Payoff:
     """Whether speculating pays, by the clock: the median time per token of the last speculative steps
     (drafting and verifying) against the median time of the last plain steps, kept across a Generator's generations. The
     first PROBE steps run plain; speculation goes off when, over its last WINDOW steps, it is not at least 3%
-    faster per token, and is tried again every RETRY-th step while off (the text may start repeating)."""
+    faster per token, and is tried again after RETRY steps while off (the text may start repeating), twice as
+    long after every trial that keeps it off (up to RETRY_MAX), so a drafter that never pays costs almost nothing."""
 
-    PROBE, WINDOW, MARGIN, RETRY = 3, 6, 0.97, 32
+    PROBE, WINDOW, MARGIN, RETRY, RETRY_MAX = 3, 6, 0.97, 32, 2048
 
     def __init__(self):
         self.plain_s: list[float] = []
         self.spec: list[tuple[float, int]] = []
-        self.off, self.waited = False, 0
+        self.off, self.waited, self.retry = False, 0, self.RETRY
 
     def speculate(self) -> bool:
         if len(self.plain_s) < self.PROBE:
@@ -190,7 +191,10 @@ class Payoff:
         if not self.off:
             return True
         self.waited += 1
-        return self.waited % self.RETRY == 0
+        if self.waited < self.retry:
+            return False
+        self.waited, self.retry = 0, min(2 * self.retry, self.RETRY_MAX)
+        return True
 
     def plain(self, seconds: float) -> None:
         self.plain_s = (self.plain_s + [seconds])[-16:]
@@ -204,6 +208,8 @@ class Payoff:
             if off != self.off:
                 log.info("speculation %s: %.2f ms a token against %.2f plain", "off" if off else "back on",
                          1e3 * per_token, 1e3 * float(np.median(self.plain_s)))
+            if not off:
+                self.retry = self.RETRY
             self.off = off
 
 
