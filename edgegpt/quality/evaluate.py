@@ -123,19 +123,28 @@ def decode_paths(bundles: list[str | Path], reference: str | Path, text: str, *,
     ids = load_bundle_tokenizer(reference).encode(text).ids[:min(prompt + tokens, limit)]
     if len(ids) <= prompt + 1:
         raise DataError(f"the eval text is {len(ids)} tokens; the decode-path check needs more than {prompt + 1}")
-    logps = []
-    for s in sessions:
-        cache = s.start(1, slots=len(ids))
-        x = np.asarray(ids[:prompt], np.int64)[None]
-        rows = [_log_softmax(cache.step(x, np.ones_like(x), np.arange(prompt, dtype=np.int64)[None]))]
-        for t in range(prompt, len(ids) - 1):
-            rows.append(_log_softmax(cache.step(np.asarray([[ids[t]]], np.int64), np.ones((1, t + 1), np.int64),
-                                                np.asarray([[t]], np.int64))))
-        logps.append(np.concatenate(rows))
+    logps = [decode_logps(s, ids, prompt) for s in sessions]
     rp = logps.pop()
-    return [{"kl_mean": round(float((np.exp(rp) * (rp - lp)).sum(-1).mean()), 6),
-             "top1_agreement": round(float((rp.argmax(-1) == lp.argmax(-1)).mean()), 5),
-             "prompt_tokens": prompt, "positions": int(lp.shape[0])} for lp in logps]
+    return [path_stats(rp, lp, prompt) for lp in logps]
+
+
+def decode_logps(sess: ModelSession, ids: list[int], prompt: int) -> np.ndarray:
+    """Log-probabilities along the decode path: the last prompt row, then one row per token fed alone."""
+    cache = sess.start(1, slots=len(ids))
+    x = np.asarray(ids[:prompt], np.int64)[None]
+    rows = [_log_softmax(cache.step(x, np.ones_like(x), np.arange(prompt, dtype=np.int64)[None]))]
+    for t in range(prompt, len(ids) - 1):
+        rows.append(_log_softmax(cache.step(np.asarray([[ids[t]]], np.int64), np.ones((1, t + 1), np.int64),
+                                            np.asarray([[t]], np.int64))))
+    return np.concatenate(rows)
+
+
+def path_stats(ref: np.ndarray, logp: np.ndarray, prompt: int) -> dict:
+    """KL to the reference's rows and top-1 agreement, for log-probabilities from decode_logps (or a peer's)."""
+    kl = float((np.exp(ref) * (ref - logp)).sum(-1).mean())
+    return {"kl_mean": float(f"{kl:.4g}"),  # four significant digits: fp16's is ~1e-7
+            "top1_agreement": round(float((ref.argmax(-1) == logp.argmax(-1)).mean()), 5),
+            "prompt_tokens": prompt, "positions": int(logp.shape[0])}
 
 
 def greedy_agreement(src, dst, new_tokens: int = 16, prompts=AGREEMENT_PROMPTS) -> float:

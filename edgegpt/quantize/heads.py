@@ -3,7 +3,8 @@
 GPT-2 ties its LM head to the token embedding (one (vocab, n_embd) table read by a Gather and by a
 Gemm(transB=1)). A recipe that quantizes the head first gives it a copy of its own (graph.passes.
 untie_lm_head); ``finish_head`` then either quantizes that copy to 8 bits or ties it back, and
-``quantize_embedding`` can store the table the Gather reads in int8 / int4 blocks.
+``store_embedding`` stores the table the Gather reads in int8 / int4 blocks: the head's own blocks when
+both have the same precision (one copy of the table in the file, as a tied GGUF has), a copy otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from edgegpt.errors import QuantizeError
 from edgegpt.graph.io import load_graph
-from edgegpt.graph.passes import embedding_name, tie_lm_head, untie_lm_head
+from edgegpt.graph.passes import LM_HEAD_WEIGHT_T, embedding_name, tie_lm_head, untie_lm_head
 
 # The 8-bit LM head (int8 and int4 recipes, and the screened fp32 head's approximation) in blocks of 128:
 # KL to fp32 unchanged from block 32 (0.00158 vs 0.00155, trained 4x256 model); W1 decode 1.10-1.12x and
@@ -47,8 +48,11 @@ def finish_head(path: Path, head: Optional[str], precision: str, *, accuracy_lev
         return
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    # nodes_to_exclude, not nodes_to_include: the quantizer takes every MatMul of its op types in addition
+    # to the included ones, so only excluding the rest keeps a float body float
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
     q = MatMulNBitsQuantizer(model, bits=8, block_size=HEAD_BLOCK, is_symmetric=True,
-                             accuracy_level=accuracy_level or None, nodes_to_include=[head])
+                             accuracy_level=accuracy_level or None, nodes_to_exclude=others)
     q.process()
     onnx.save_model(q.model.model, str(path))
 
@@ -62,6 +66,84 @@ def resolve_embedding(embedding: str, lm_head: str) -> str:
         raise QuantizeError("a quantized embedding needs a quantized LM head (the fp32 head reads the embedding "
                             "table itself): pass --lm-head int8 or --embedding fp32")
     return embedding
+
+
+def store_embedding(path: Path, precision: str, head_precision: str, head_scale: Optional[np.ndarray] = None) -> str:
+    """The token embedding at ``precision``, in place: read from the quantized head's own blocks when the
+    head has that precision (returns "shared"), else as a blocked copy of its own (returns "copy").
+    ``head_scale``: the per-channel factors smoothing multiplied the head's weight rows by (quantize.smooth),
+    which the shared rows are divided by again."""
+    if precision == "fp32":
+        return "fp32"
+    if precision == head_precision and share_head_table(path, head_scale):
+        return "shared"
+    quantize_embedding(path, precision)
+    return "copy"
+
+
+def share_head_table(path: Path, head_scale: Optional[np.ndarray] = None) -> bool:
+    """Replace the token-embedding Gather with GatherBlockQuantized over the LM head's MatMulNBits weights, in
+    place; False (nothing changed) when the graph has no such head.
+
+    MatMulNBits stores B as (vocab, n_embd / block, block bytes): row v is token v's embedding in blocks along
+    n_embd, which is exactly GatherBlockQuantized's layout for data of rank 3 with quantize_axis 2. So the
+    Gather reads the head's bytes (an (n, blocks, block) output, reshaped to n_embd) and only the scales and
+    zero points (1/block of the table) are stored twice, in the shapes each op wants. onnxruntime has no
+    pass that shares a table between the two ops (its quantizers write one copy each).
+    """
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    head = next((n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] in inits
+                 and n.input[1].startswith(LM_HEAD_WEIGHT_T)), None)
+    gather = next((n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                   and n.input[0].endswith("transformer.wte.weight")), None)
+    if head is None or gather is None:
+        return False
+    attrs = {a.name: a.i for a in head.attribute}
+    bits, block, K, N = attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"]
+    table = inits[gather.input[0]]
+    if list(table.dims) != [N, K] or any(gather.input[0] in n.input for n in model.graph.node if n is not gather):
+        return False
+    blocks = -(-K // block)  # the quantizer pads n_embd with zeros to whole blocks
+    scales = numpy_helper.to_array(inits[head.input[2]]).astype(np.float32).reshape(N, blocks, 1)
+    if len(head.input) > 3 and head.input[3]:
+        zp = numpy_helper.to_array(inits[head.input[3]]).reshape(N, -1)
+        if bits == 4:  # two blocks' zero points per byte, low nibble first
+            zp = np.stack([zp & 0x0F, zp >> 4], -1).reshape(N, -1)[:, :blocks]
+        zp = zp[:, :blocks].astype(np.uint8)
+    else:  # MatMulNBits' default zero point
+        zp = np.full((N, blocks), 2 ** (bits - 1), np.uint8)
+    name = gather.input[0]
+    model.graph.initializer.remove(table)
+    model.graph.initializer.extend([numpy_helper.from_array(scales, name + ".scale"),
+                                    numpy_helper.from_array(zp.reshape(N, blocks, 1), name + ".zero_point"),
+                                    numpy_helper.from_array(np.array([blocks * block], np.int64), name + ".width")])
+    out = gather.output[0]
+    unscaled = out if head_scale is None else out + "_smoothed"
+    rows = unscaled if blocks * block == K else out + "_padded"
+    nodes = [
+        helper.make_node("GatherBlockQuantized", [head.input[1], gather.input[1], name + ".scale", name + ".zero_point"],
+                         [out + "_blocks"], name=gather.name + "BlockQuantized", domain="com.microsoft",
+                         block_size=block, gather_axis=0, quantize_axis=2, bits=bits),
+        helper.make_node("Shape", [gather.input[1]], [out + "_ids_shape"], name=gather.name + "/IdsShape"),
+        helper.make_node("Concat", [out + "_ids_shape", name + ".width"], [out + "_shape"], name=gather.name + "/Shape",
+                         axis=0),
+        helper.make_node("Reshape", [out + "_blocks", out + "_shape"], [rows], name=gather.name + "/Rows"),
+    ]
+    if rows != unscaled:  # drop the padding
+        model.graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), name + suffix)
+                                        for v, suffix in ((0, ".start"), (K, ".end"), (-1, ".axis"))])
+        nodes.append(helper.make_node("Slice", [rows, name + ".start", name + ".end", name + ".axis"], [unscaled],
+                                      name=gather.name + "/Unpad"))
+    if unscaled != out:  # the head's rows carry smoothing's factors; the embedding does not
+        model.graph.initializer.append(numpy_helper.from_array((1.0 / head_scale).astype(np.float32), name + ".unsmooth"))
+        nodes.append(helper.make_node("Mul", [unscaled, name + ".unsmooth"], [out], name=gather.name + "/Unsmooth"))
+    idx = list(model.graph.node).index(gather)
+    model.graph.node.remove(gather)
+    for k, n in enumerate(nodes):
+        model.graph.node.insert(idx + k, n)
+    onnx.save_model(model, str(path))
+    return True
 
 
 def quantize_embedding(path: Path, precision: str) -> None:

@@ -1,8 +1,9 @@
 """The quality `edgegpt quantize` records for a new bundle, measured on it before it is sealed.
 
-Perplexity, KL and top-1 agreement over strided windows against the fp32 source; greedy agreement; and,
-where a step reads a cache or a screened head (which strided perplexity never does), the same KL along
-the decode path. An int8 KV cache chosen by ``--kv-cache auto`` is kept only if it adds at most its
+Perplexity, KL and top-1 agreement over strided windows against the fp32 source; greedy agreement; and
+the same KL along the decode path (a prompt, then one token a step through the cache), which is what
+generation sees and what strided perplexity never runs: an int8 KV cache read back, a screened head, int8
+activations quantized one row at a time. An int8 KV cache chosen by ``--kv-cache auto`` is kept only if it adds at most its
 allowance to the KL the quantized weights alone give; otherwise the draft goes back to the fp32 cache.
 """
 
@@ -51,7 +52,8 @@ def measure(src: Path, draft: Draft, text: str, *, eval_tokens: int, budget_pct:
     }
     if weights_only is not None:  # strided perplexity prefills an empty cache and never reads the int8 one back
         _check_int8_cache(src, draft, weights_only, text, kv_auto)
-    elif draft.manifest["recipe"].get("lm_head") == "screened":  # perplexity's many rows run the fp32 head
+    else:  # what generation sees: a short prompt, then one token a step (int8 activations get one row's scale;
+        # a screened head runs its screen, which perplexity's many rows never do)
         q["decode_path"] = decode_path(draft, src, text)
     q["greedy_agreement"] = round(greedy_agreement(src, draft), 4)
     return q
@@ -78,5 +80,6 @@ def _check_int8_cache(src: Path, draft: Draft, weights_only: Path, text: str, au
         shutil.copy2(weights_only / MODEL_FILE, draft.path / MODEL_FILE)
         m["recipe"]["kv_cache"] = {"dtype": "float32", "chosen_by": "auto", "rejected_int8": {**kv, "decode_path": dp}}
         m.update(io=fp32.manifest["io"], graph=dict(m["graph"], op_counts=shaped_op_counts(draft.path / MODEL_FILE)))
+        m["quality"]["decode_path"] = fp32_dp  # what the bundle as written (fp32 cache) gives
         return
     m["quality"]["decode_path"] = dp

@@ -2,6 +2,8 @@
 `edgegpt bench --gguf FILE` can time llama.cpp beside edgegpt bundles of the same weights.
 
     pip install gguf llama-cpp-python        # llama.cpp builds from source (~7 min on 2 cores)
+    # on a CPU with AMX (recent Xeons), build without ggml's AMX kernels, which crash on q8_0 here:
+    # CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF ..."
     python scripts/peers/gguf_from_checkpoint.py CHECKPOINT OUT_PREFIX [--types f32,q8_0,q4_0]
 
 Writes OUT_PREFIX-f32.gguf, then the requested quantized types with llama.cpp's own quantizer.
@@ -16,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-# llama.cpp ftypes (llama.h: LLAMA_FTYPE_*)
-FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}
+# llama.cpp ftypes (llama.h: LLAMA_FTYPE_MOSTLY_*); the k-quants want rows of a multiple of 256 values and
+# llama.cpp's quantizer falls back to another type for tensors that are not (it says so)
+FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_K_S": 14, "q4_K_M": 15, "q5_K_S": 16, "q5_K_M": 17,
+          "q6_K": 18}
 
 
 def write_f32(checkpoint: Path, out: Path) -> None:
@@ -88,8 +92,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("out_prefix")
-    ap.add_argument("--types", default="f32,q8_0,q4_0")
+    ap.add_argument("--types", default="f32,q8_0,q4_0", help=f"comma-separated, of {', '.join(FTYPES)}")
     args = ap.parse_args()
+    unknown = sorted(set(args.types.split(",")) - set(FTYPES))
+    if unknown:
+        raise SystemExit(f"unknown --types {', '.join(unknown)}; choose from {', '.join(FTYPES)}")
     f32 = Path(f"{args.out_prefix}-f32.gguf")
     write_f32(args.checkpoint, f32)
     print(f32)

@@ -9,7 +9,9 @@
 The first argument is the fp32 reference bundle (exported without --last-logits-only); the others are
 bundles or .gguf files. Each is scored on the reference's tokens of the text (default: builtin:pydoc's
 held-out tail, the first 4096 tokens, windows of 256 with stride 128, as `edgegpt quantize` records):
-KL divergence of the next-token distribution to the reference, perplexity, top-1 agreement. The f32
+KL divergence of the next-token distribution to the reference, perplexity, top-1 agreement; and the KL
+along the decode path (32 prompt tokens, then one token a step through each model's own cache, as
+`edgegpt quantize` records it in quality.decode_path), and the model file's size. The f32
 GGUF doubles as a check that the GGUF holds the same weights (KL ~ 0). A random-weight model
 says nothing about quality: use a trained checkpoint. Needs llama-cpp-python for the GGUFs; a
 benchmarking aid, not a dependency of edgegpt.
@@ -23,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from edgegpt.corpus import default_eval_text
-from edgegpt.quality.evaluate import score, window_logits
+from edgegpt.manifest import MODEL_FILE
+from edgegpt.quality.evaluate import decode_logps, path_stats, score, window_logits
 from edgegpt.runtime.session import ModelSession
 from edgegpt.runtime.text import load_bundle_tokenizer
 
@@ -41,6 +44,35 @@ def llama_logits(gguf: str, window: int, threads: int):
     return run
 
 
+DECODE_PROMPT, DECODE_TOKENS = 32, 256  # as quality.decode_path
+
+
+def _size(model: str) -> int:
+    """The weights' file: a .gguf (which also holds the vocabulary), or a bundle's graph."""
+    p = Path(model)
+    return (p if p.suffix == ".gguf" else p / MODEL_FILE).stat().st_size
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def llama_decode_logps(gguf: str, ids: list[int], prompt: int, threads: int) -> np.ndarray:
+    """decode_logps for a GGUF: the prompt in one batch, then one token per llama_eval call."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=len(ids), n_batch=max(prompt, 1), logits_all=True, n_threads=threads,
+                verbose=False)
+    llm.reset()
+    llm.eval(ids[:prompt])
+    rows = [np.asarray(llm.scores[prompt - 1], np.float32)]
+    for t in range(prompt, len(ids) - 1):
+        llm.eval([ids[t]])
+        rows.append(np.asarray(llm.scores[t], np.float32))
+    return _log_softmax(np.stack(rows))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("reference", help="fp32 bundle (every position's logits)")
@@ -56,22 +88,31 @@ def main(argv=None) -> int:
     window = min(args.window, ref.max_context)
     ids = np.asarray(load_bundle_tokenizer(args.reference).encode(text).ids[:args.max_tokens], np.int64)
     ref_fn = lambda chunk: window_logits(ref, chunk)  # noqa: E731
-    rows = [("reference " + Path(args.reference).name, score(ref_fn, ids, window=window))]
+    path = ids[:min(DECODE_PROMPT + DECODE_TOKENS, ref.max_context)].tolist()
+    ref_path = decode_logps(ref, path, DECODE_PROMPT)
+    rows = [("reference " + Path(args.reference).name, score(ref_fn, ids, window=window), None,
+             _size(args.reference))]
     for m in args.models:
         if m.endswith(".gguf"):
             fn = llama_logits(m, window, args.threads)
             name = "llama.cpp " + Path(m).name
+            lp = llama_decode_logps(m, path, DECODE_PROMPT, args.threads)
         else:
             sess = ModelSession(m, threads=args.threads)
             fn = lambda chunk, s=sess: window_logits(s, chunk)  # noqa: E731
             name = "edgegpt " + Path(m).name
-        rows.append((name, score(fn, ids, window=window, reference=ref_fn)))
-    print(f"{len(ids)} tokens, windows of {window}, stride {window // 2}; KL and top-1 against {args.reference}")
-    print("| model | KL to fp32 | perplexity | top-1 agreement |\n|---|---:|---:|---:|")
-    for name, r in rows:
-        kl = "-" if r.kl_mean is None else f"{r.kl_mean:.5f}"
+            lp = decode_logps(sess, path, DECODE_PROMPT)
+        rows.append((name, score(fn, ids, window=window, reference=ref_fn), path_stats(ref_path, lp, DECODE_PROMPT),
+                     _size(m)))
+    print(f"{len(ids)} tokens, windows of {window}, stride {window // 2}; decode path: {DECODE_PROMPT} prompt tokens "
+          f"then {len(path) - DECODE_PROMPT - 1} steps; KL and top-1 against {args.reference}")
+    print("| model | windowed KL | decode-path KL | perplexity | top-1 agreement | model file MB |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    for name, r, dp, size in rows:
+        kl = "-" if r.kl_mean is None else f"{r.kl_mean:.2e}"
+        dkl = "-" if dp is None else f"{dp['kl_mean']:.2e}"
         top1 = "-" if r.top1_agreement is None else f"{r.top1_agreement:.4f}"
-        print(f"| {name} | {kl} | {r.perplexity:.2f} | {top1} |")
+        print(f"| {name} | {kl} | {dkl} | {r.perplexity:.2f} | {top1} | {size / 1e6:.2f} |")
     return 0
 
 

@@ -72,7 +72,8 @@ def test_auto_falls_back_to_the_fp32_cache_when_int8_adds_too_much(shared_bundle
     kv = m["recipe"]["kv_cache"]
     assert kv["dtype"] == "float32" and kv["chosen_by"] == "auto" and kv["rejected_int8"]["dtype"] == "int8"
     assert kv["rejected_int8"]["added_kl"] > kv["rejected_int8"]["auto_allowance_kl"]
-    assert "decode_path" not in m["quality"] and all(x["dtype"] != "int8" for x in m["io"]["inputs"])
+    assert all(x["dtype"] != "int8" for x in m["io"]["inputs"])
+    assert m["quality"]["decode_path"]["kl_mean"] == kv["rejected_int8"]["decode_path"]["fp32_cache_kl_mean"]
     s = ModelSession(tmp_path / "q")
     assert s.kv_dtype == np.float32 and not any(n.op_type == "If" for n in __import__("onnx").load(
         str(tmp_path / "q" / "model.onnx")).graph.node)

@@ -35,6 +35,8 @@ def test_each_mode_is_within_budget_and_records_its_quality(quantized, trained_b
     q = m["quality"]
     assert m["precision"] == mode and q["ppl_increase_pct"] <= q["budget_pct"]
     assert 0 < q["kl_mean"] < 0.05 and q["top1_agreement"] > 0.85 and q["eval_tokens"] > 1000
+    # and along the decode path, as generation runs it
+    assert 0 < q["decode_path"]["kl_mean"] < 0.05 and q["decode_path"]["positions"] > 50
     assert q["source_perplexity"] == pytest.approx(evaluate(trained_bundle, default_eval_text(),
                                                             max_tokens=EVAL_TOKENS).perplexity, rel=1e-4)
     src = read_manifest(trained_bundle)["files"]["model.onnx"]["bytes"]
@@ -56,12 +58,47 @@ def test_recipes_are_what_they_say(quantized):
     assert m["int4"]["recipe"]["block_size"] == 128 and m["int4"]["recipe"]["accuracy_level"] == 4
     assert m["int4"]["recipe"]["algorithm"] == "gptq"
     assert m["int4"]["recipe"]["symmetric"] is False
-    for mode in ("int8", "int4"):  # the untied head lets the embedding table shrink to int8 blocks
-        assert m[mode]["recipe"]["embedding"] == "int8"
+    for mode in ("int8", "int4"):  # the embedding reads the 8-bit head's blocks: one table in the file
+        assert m[mode]["recipe"]["embedding"] == "int8" and m[mode]["recipe"]["embedding_table"] == "shared"
         assert m[mode]["graph"]["op_counts"]["com.microsoft.GatherBlockQuantized"] == 1
     fp16_io = {x["name"]: x["dtype"] for x in m["fp16"]["io"]["inputs"] + m["fp16"]["io"]["outputs"]}
     assert fp16_io["past_key_values.0.key"] == "float16" and fp16_io["logits"] == "float32"
     assert m["int8-static"]["graph"]["op_counts"]["QuantizeLinear"] > 0
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_embedding_and_the_head_share_one_table(quantized, trained_bundle, mode):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(quantized[0] / mode / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("lm_head"))
+    assert gather.input[0] == head.input[1]  # the same bytes
+    attrs = {a.name: a.i for a in head.attribute}
+    vocab, n_embd = attrs["N"], attrs["K"]
+    tables = [t for t in inits.values() if t.size >= vocab * n_embd // 2]
+    assert len(tables) == 1  # no second copy of the (vocab, n_embd) table, fp32 or quantized
+    # the rows the Gather yields are the head's dequantized columns
+    blocks = inits[head.input[1]].astype(np.float32)
+    scales = inits[head.input[2]].reshape(blocks.shape[0], blocks.shape[1], 1)
+    rows = ((blocks - 128) * scales).reshape(vocab, -1)[:, :n_embd]  # blocks pad n_embd to a whole block
+    import onnxruntime as ort
+
+    nodes = [n for n in model.graph.node if n.name.startswith(gather.name.removesuffix("BlockQuantized"))]
+    used = {i for n in nodes for i in n.input}
+    g = onnx.helper.make_graph(nodes, "embed", [onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, 3])],
+                               [onnx.helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.FLOAT, None)],
+                               [t for t in model.graph.initializer if t.name in used])
+
+    sess = ort.InferenceSession(onnx.helper.make_model(g, opset_imports=model.opset_import).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 7, vocab - 1]], np.int64)
+    got = sess.run(None, {"input_ids": ids})[0][0]
+    assert got.shape == (3, n_embd)
+    np.testing.assert_allclose(got, rows[ids[0]], atol=1e-6)
 
 
 def test_over_budget_is_an_error_unless_forced(trained_bundle, tmp_path):

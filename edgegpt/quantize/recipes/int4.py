@@ -19,7 +19,7 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from edgegpt.quantize.heads import finish_head, load_untied, quantize_embedding, resolve_embedding
+    from edgegpt.quantize.heads import finish_head, load_untied, resolve_embedding, store_embedding
 
     embedding = resolve_embedding(opts["embedding"], opts["lm_head"])
     model, head = load_untied(src)
@@ -34,8 +34,8 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
         model = q.model.model
     onnx.save_model(model, str(dst))
     finish_head(dst, head, opts["lm_head"], accuracy_level=opts["accuracy_level"])
-    quantize_embedding(dst, embedding)
-    return {"embedding": embedding, **info}
+    table = store_embedding(dst, embedding, opts["lm_head"])
+    return {"embedding": embedding, "embedding_table": table, **info}
 
 
 def _gptq(model, head: Optional[str], bundle: Path, opts: dict, calibration: Optional[str]) -> dict:

@@ -29,7 +29,7 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from edgegpt.graph.passes import weight_matmuls
-    from edgegpt.quantize.heads import finish_head, load_untied, quantize_embedding, resolve_embedding
+    from edgegpt.quantize.heads import finish_head, load_untied, resolve_embedding, store_embedding
 
     embedding = resolve_embedding(opts["embedding"], opts["lm_head"])
     flags = cpu_flags()
@@ -45,9 +45,9 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
                          # (MultiHeadAttention, GroupQueryAttention) of the fused graph
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     finish_head(dst, head, opts["lm_head"], accuracy_level=4)
-    quantize_embedding(dst, embedding)
-    return {"embedding": embedding, "reduce_range": reduce_range, "quantized_matmuls": len(block_matmuls),
-            "cpu_vnni": bool(flags & VNNI)}
+    table = store_embedding(dst, embedding, opts["lm_head"])
+    return {"embedding": embedding, "embedding_table": table, "reduce_range": reduce_range,
+            "quantized_matmuls": len(block_matmuls), "cpu_vnni": bool(flags & VNNI)}
 
 
 CARD = RecipeCard(
