@@ -116,8 +116,7 @@ def share_head_table(path: Path, head_scale: Optional[np.ndarray] = None) -> boo
     name = gather.input[0]
     model.graph.initializer.remove(table)
     model.graph.initializer.extend([numpy_helper.from_array(scales, name + ".scale"),
-                                    numpy_helper.from_array(zp.reshape(N, blocks, 1), name + ".zero_point"),
-                                    numpy_helper.from_array(np.array([blocks * block], np.int64), name + ".width")])
+                                    numpy_helper.from_array(zp.reshape(N, blocks, 1), name + ".zero_point")])
     out = gather.output[0]
     unscaled = out if head_scale is None else out + "_smoothed"
     rows = unscaled if blocks * block == K else out + "_padded"
@@ -125,11 +124,13 @@ def share_head_table(path: Path, head_scale: Optional[np.ndarray] = None) -> boo
         helper.make_node("GatherBlockQuantized", [head.input[1], gather.input[1], name + ".scale", name + ".zero_point"],
                          [out + "_blocks"], name=gather.name + "BlockQuantized", domain="com.microsoft",
                          block_size=block, gather_axis=0, quantize_axis=2, bits=bits),
+        # the index tensor's shape + [width]: with fixed input shapes this folds to a constant
         helper.make_node("Shape", [gather.input[1]], [out + "_ids_shape"], name=gather.name + "/IdsShape"),
         helper.make_node("Concat", [out + "_ids_shape", name + ".width"], [out + "_shape"], name=gather.name + "/Shape",
                          axis=0),
         helper.make_node("Reshape", [out + "_blocks", out + "_shape"], [rows], name=gather.name + "/Rows"),
     ]
+    model.graph.initializer.append(numpy_helper.from_array(np.array([blocks * block], np.int64), name + ".width"))
     if rows != unscaled:  # drop the padding
         model.graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), name + suffix)
                                         for v, suffix in ((0, ".start"), (K, ".end"), (-1, ".axis"))])
@@ -138,6 +139,14 @@ def share_head_table(path: Path, head_scale: Optional[np.ndarray] = None) -> boo
     if unscaled != out:  # the head's rows carry smoothing's factors; the embedding does not
         model.graph.initializer.append(numpy_helper.from_array((1.0 / head_scale).astype(np.float32), name + ".unsmooth"))
         nodes.append(helper.make_node("Mul", [unscaled, name + ".unsmooth"], [out], name=gather.name + "/Unsmooth"))
+    # onnx's shape inference cannot see through the contrib op: declare the new tensors' shapes (the index
+    # dims, symbolic or fixed, then the row layout), so that fixed-shape graphs stay fully static
+    ids = next((i for i in model.graph.input if i.name == gather.input[1]), None)
+    if ids is not None:
+        dims = [d.dim_param or d.dim_value for d in ids.type.tensor_type.shape.dim]
+        shapes = {out + "_blocks": dims + [blocks, block], rows: dims + [blocks * block], unscaled: dims + [K]}
+        model.graph.value_info.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, shape)
+                                      for t, shape in shapes.items() if t != out)
     idx = list(model.graph.node).index(gather)
     model.graph.node.remove(gather)
     for k, n in enumerate(nodes):
