@@ -21,9 +21,10 @@ q int8-no-smooth --mode int8 --no-smooth
 q fp16 --mode fp16
 q int4 --mode int4
 q int4-small --mode int4 --lm-head int4 --embedding int4
+rm -rf "$OUT/ort-fp16"; python scripts/peers/ort_fp16.py "$OUT/fp32" "$OUT/ort-fp16" > /dev/null
 python scripts/peers/gguf_from_checkpoint.py "$CKPT" "$OUT/llama" --types f32,q8_0,q6_K,q5_K_M,q4_K_M,q4_K_S,q4_0 > /dev/null
 TEXTARG=(); if [ -n "$TEXT" ]; then TEXTARG=(--text "$TEXT"); fi
 python scripts/peers/kl_vs_llama.py "$OUT/fp32" "${TEXTARG[@]}" \
-  "$OUT/fp16" "$OUT/int8" "$OUT/int8-no-smooth" "$OUT/int4" "$OUT/int4-small" \
+  "$OUT/fp16" "$OUT/ort-fp16" "$OUT/int8" "$OUT/int8-no-smooth" "$OUT/int4" "$OUT/int4-small" \
   "$OUT"/llama-f32.gguf "$OUT"/llama-q8_0.gguf "$OUT"/llama-q6_K.gguf "$OUT"/llama-q5_K_M.gguf \
   "$OUT"/llama-q4_K_M.gguf "$OUT"/llama-q4_K_S.gguf "$OUT"/llama-q4_0.gguf
