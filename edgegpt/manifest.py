@@ -172,6 +172,10 @@ def read_manifest(bundle: str | Path | Draft) -> dict:
     for key in ("architecture", "io", "graph", "precision"):
         if key not in m:
             raise BundleError(f"{path} lacks {key!r}; re-run `edgegpt export`")
+    package = m.get("package")
+    if isinstance(package, dict) and "web" in package:  # its graph lies under onnx/, where edgegpt never reads
+        raise BundleError(f"{bundle} is a web package (transformers.js's layout) for JavaScript runtimes; edgegpt "
+                          f"loads the bundle it was packaged from")
     _check_dims(path, m)
     for what, name in manifest_files(m):
         bundle_file(bundle, name, what)

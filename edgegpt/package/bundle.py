@@ -1,4 +1,4 @@
-"""`edgegpt package`: a bundle -> a deployable package for one target (cpu, cuda, android, ios).
+"""`edgegpt package`: a bundle -> a deployable package for one target (cpu, cuda, android, ios, web).
 
 A separate command rather than options on export/quantize: packaging is a pure function of a
 finished bundle, may need a precision pass first, and produces target-specific artifacts (ORT
@@ -39,6 +39,9 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
         raise PackageError(f"{target.name} packages need a bundle with standard ONNX ops that NNAPI / CoreML / "
                            f"XNNPACK can take: export with `edgegpt export MODEL --graph traced --out BUNDLE` and "
                            f"package that")
+    if target.name == "web" and manifest["graph"].get("options", {}).get("shared_kv_buffer"):
+        raise PackageError(f"{bundle} keeps its KV cache in one shared buffer, which transformers.js does not drive: "
+                           f"export with the default --kv-cache concat and package that")
     if manifest["graph"].get("external_data") and target.mobile:
         raise PackageError(f"{bundle} keeps its weights in external data; ORT-format mobile packages need a model "
                            f"under 2 GB in one file")
@@ -73,7 +76,12 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
                 m["graph"] = dict(m["graph"], file=m["package"]["ort_format"]["file"])
                 (tmp / MODEL_FILE).unlink()
                 m["package"]["verification"] = _same_greedy(src, Draft(tmp, m))
-            (tmp / "README.txt").write_text(_readme(m))
+            if target.name == "web":  # transformers.js's layout: the graph under onnx/, unchanged
+                from edgegpt.package import web
+
+                m["package"]["web"] = web.web_layout(tmp, want)
+                m["graph"] = dict(m["graph"], file=None)
+            (tmp / "README.txt").write_text(web.readme(m) if target.name == "web" else _readme(m))
             sealed = seal(tmp, m)
     return sealed
 
@@ -115,5 +123,10 @@ def summary(out: Path, m: dict) -> str:
                      f"operators in {o['required_operators']}; fixed-shape decode variant "
                      f"{p['fixed_shape_variants'][0]['file']}")
         lines.append(bundle_file(out, p["report"]).read_text())
-    lines.append(f"wrote {out} ({m['size_bytes'] / 1e6:.1f} MB)")
+    size = m["size_bytes"]
+    if "web" in p:
+        w = p["web"]
+        size += w["bytes"]
+        lines.append(f"transformers.js layout: {w['model_file']} {w['bytes'] / 1e6:.1f} MB, dtype \"{w['dtype']}\"")
+    lines.append(f"wrote {out} ({size / 1e6:.1f} MB)")
     return "\n".join(lines)

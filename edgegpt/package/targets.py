@@ -34,6 +34,9 @@ TARGETS = {
                       "NNAPI and QNN accelerate static (QDQ) int8; dynamic int8 and int4 run on the CPU EP"),
     "ios": Target("ios", "fp16", ("coreml", "xnnpack", "cpu"), True,
                   "CoreML's ML Program runs fp16 natively on the GPU / Neural Engine"),
+    "web": Target("web", "int8", ("wasm", "webgpu"), False,
+                  "int8 (transformers.js's q8, model_quantized.onnx) is the smallest download with int8's quality, "
+                  "and what transformers.js loads by default on WASM"),
 }
 
 

@@ -92,7 +92,7 @@ def test_precision_defaults_and_checks(traced, tmp_path):
     from edgegpt.package.targets import TARGETS, choose_precision
 
     assert {t: choose_precision(TARGETS[t], None) for t in TARGETS} == {
-        "cpu": "int8", "cuda": "fp16", "android": "int8-static", "ios": "fp16"}
+        "cpu": "int8", "cuda": "fp16", "android": "int8-static", "ios": "fp16", "web": "int8"}
     with pytest.raises(PackageError, match="target cpu cannot run fp16 bundles .*slower than fp32"):
         package_bundle(traced, "cpu", tmp_path / "x", precision="fp16")
     with pytest.raises(PackageError, match="unknown target 'tpu'"):

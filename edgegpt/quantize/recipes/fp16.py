@@ -47,6 +47,6 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
 
 
 CARD = RecipeCard(
-    name="fp16", order=30, build=build, budget_pct=1.0, targets=("cuda", "ios"), kv_dtype="float16",
+    name="fp16", order=30, build=build, budget_pct=1.0, targets=("cuda", "ios", "web"), kv_dtype="float16",
     summary="float16 weights and KV cache for GPUs and CoreML (slower than fp32 on a CPU)",
 )

@@ -1,0 +1,57 @@
+"""`edgegpt package --target web`: transformers.js's Hub layout (the graph under onnx/, named by its dtype)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgegpt.cli import main
+from edgegpt.errors import BundleError, PackageError
+from edgegpt.export.bundle import export_bundle
+from edgegpt.export.onnx_export import ExportOptions
+from edgegpt.manifest import MODEL_FILE, read_manifest, sha256_file
+from edgegpt.package.bundle import package_bundle
+from edgegpt.package.web import DTYPES
+
+
+@pytest.fixture(scope="module")
+def source(trained_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("web") / "fp32"
+    export_bundle(trained_checkpoint, out)
+    return out
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_web_package_is_the_hub_layout(source, tmp_path, precision):
+    out = tmp_path / "web"
+    m = package_bundle(source, "web", out, precision=None if precision == "int8" else precision)
+    dtype, name = DTYPES[precision]
+    w = m["package"]["web"]
+    assert m["package"]["precision"] == precision and w["dtype"] == dtype and w["model_file"] == f"onnx/{name}"
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == [name]
+    assert not (out / MODEL_FILE).exists()  # one copy of the graph, where transformers.js looks
+    assert sha256_file(out / "onnx" / name) == w["sha256"] and (out / "onnx" / name).stat().st_size == w["bytes"]
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (out / f).is_file()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+    assert f'dtype: "{dtype}"' in (out / "README.txt").read_text()
+    if precision == "fp32":  # the graph is the source's, unchanged
+        assert w["sha256"] == sha256_file(source / MODEL_FILE)
+    with pytest.raises(BundleError, match="is a web package .* loads the bundle it was packaged from"):
+        read_manifest(out)
+
+
+def test_web_refusals_and_cli(source, trained_checkpoint, tmp_path):
+    shared = tmp_path / "shared"
+    export_bundle(trained_checkpoint, shared, ExportOptions(kv_cache="shared"))
+    with pytest.raises(PackageError, match="one shared buffer, which transformers.js does not drive"):
+        package_bundle(shared, "web", tmp_path / "x")
+    with pytest.raises(PackageError, match="cannot run int8-static"):
+        package_bundle(source, "web", tmp_path / "x", precision="int8-static")
+    assert not (tmp_path / "x").exists()
+    res = CliRunner().invoke(main, ["package", str(source), "--target", "web", "--out", str(tmp_path / "w"),
+                                    "--precision", "fp32"])
+    assert res.exit_code == 0, res.output
+    assert 'transformers.js layout: onnx/model.onnx' in res.output and 'dtype "fp32"' in res.output
+    res = CliRunner().invoke(main, ["generate", str(tmp_path / "w"), "--prompt", "x", "--max-new-tokens", "2"])
+    assert res.exit_code != 0 and "is a web package" in res.output and "Traceback" not in res.output
