@@ -157,3 +157,11 @@ def unique_node_names(model: onnx.ModelProto) -> None:
             node.name = f"{node.name}_{seen[node.name]}"
         else:
             seen[node.name] = 0
+
+
+def replace_node(model: onnx.ModelProto, node: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> None:
+    """``nodes`` in ``node``'s place in the graph (the order stays topological when they read what it read)."""
+    idx = list(model.graph.node).index(node)
+    model.graph.node.remove(node)
+    for k, n in enumerate(nodes):
+        model.graph.node.insert(idx + k, n)

@@ -42,6 +42,10 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
     if target.name == "web" and manifest["graph"].get("options", {}).get("shared_kv_buffer"):
         raise PackageError(f"{bundle} keeps its KV cache in one shared buffer, which transformers.js does not drive: "
                            f"export with the default --kv-cache concat and package that")
+    if target.name == "web" and have == "int8" and not manifest.get("recipe", {}).get("reduce_range"):
+        raise PackageError(f"{bundle} has 8-bit int8 weights, on which onnxruntime-web's WASM kernels give other "
+                           f"results than this runtime: package the fp32 bundle it came from (web int8 uses 7-bit "
+                           f"weights)")
     if manifest["graph"].get("external_data") and target.mobile:
         raise PackageError(f"{bundle} keeps its weights in external data; ORT-format mobile packages need a model "
                            f"under 2 GB in one file")
@@ -58,7 +62,8 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
             cal = calibration_text(calibration) if want == "int8-static" else calibration
             # an int8 KV cache runs on onnxruntime's CPU kernel: other targets keep fp32
             src_manifest = quantize_bundle(bundle, src, want, calibration=cal, force=force,
-                                           kv_cache=None if target.name == "cpu" else "fp32")
+                                           kv_cache=None if target.name == "cpu" else "fp32",
+                                           options=_web_options(want) if target.name == "web" else None)
         with atomic_dir(out, replace=overwrite) as tmp:
             for name in src_manifest["files"]:
                 shutil.copy2(bundle_file(src, name), tmp / name)
@@ -84,6 +89,12 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
             (tmp / "README.txt").write_text(web.readme(m) if target.name == "web" else _readme(m))
             sealed = seal(tmp, m)
     return sealed
+
+
+def _web_options(precision: str) -> Optional[dict]:
+    """onnxruntime-web's WASM int8 kernels, like x86's without VNNI, saturate u8 x s8 products of 8-bit weights
+    (the browser's greedy tokens part from the native runtime's); 7-bit weights (reduce_range) give the same."""
+    return {"reduce_range": True} if precision == "int8" else None
 
 
 def _same_greedy(src: Path, pkg, new_tokens: int = 16) -> dict:

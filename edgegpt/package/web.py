@@ -16,15 +16,68 @@ DTYPES = {"fp32": ("fp32", "model.onnx"), "fp16": ("fp16", "model_fp16.onnx"),
 
 
 def web_layout(tmp: Path, precision: str) -> dict:
-    """Move tmp's graph to onnx/<transformers.js name>; returns the manifest's package.web section."""
+    """Move tmp's graph to onnx/<transformers.js name>, its quantized embedding lookup in standard ops; returns the
+    manifest's package.web section."""
     if precision not in DTYPES:
         raise PackageError(f"transformers.js has no dtype for {precision}; choose one of {', '.join(DTYPES)}")
     dtype, name = DTYPES[precision]
     (tmp / ONNX_DIR).mkdir()
     dst = tmp / ONNX_DIR / name
+    rewritten = standard_embedding(tmp / MODEL_FILE)
     (tmp / MODEL_FILE).rename(dst)
     return {"layout": "transformers.js (Hugging Face Hub)", "dtype": dtype, "model_file": f"{ONNX_DIR}/{name}",
-            "sha256": sha256_file(dst), "bytes": dst.stat().st_size}
+            "sha256": sha256_file(dst), "bytes": dst.stat().st_size, "embedding_in_standard_ops": rewritten}
+
+
+def standard_embedding(path: Path) -> bool:
+    """GatherBlockQuantized (8-bit) -> Gather, Cast, Sub, Mul over the same bytes, in place; False if the graph has
+    none. onnxruntime-web's WASM backend has no GatherBlockQuantized kernel ("Could not find an implementation");
+    the rows come out the same, (q - zero point) * scale, from standard ops every backend runs."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from edgegpt.graph.passes import replace_node
+
+    model = onnx.load(str(path))
+    node = next((n for n in model.graph.node if n.op_type == "GatherBlockQuantized"), None)
+    if node is None:
+        return False
+    attrs = {a.name: a.i for a in node.attribute}
+    inits = {t.name: t for t in model.graph.initializer}
+    data, ids, scales = node.input[0], node.input[1], node.input[2]
+    zp = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    if attrs.get("bits", 4) != 8 or zp is None or attrs.get("gather_axis", 0) != 0 or data not in inits:
+        raise PackageError("the web package needs an 8-bit or fp32 embedding table (onnxruntime-web runs no 4-bit "
+                           "gather): package the fp32 bundle with the default --embedding, or quantize with "
+                           "--embedding int8")
+    rank = len(inits[data].dims)
+    out, p = node.output[0], node.name
+    nodes = [helper.make_node("Gather", [data, ids], [p + "/q"], name=p + "/Gather", axis=0),
+             helper.make_node("Cast", [p + "/q"], [p + "/qf"], name=p + "/Cast", to=onnx.TensorProto.FLOAT),
+             helper.make_node("Gather", [zp, ids], [p + "/zp"], name=p + "/GatherZeroPoint", axis=0),
+             helper.make_node("Cast", [p + "/zp"], [p + "/zpf"], name=p + "/CastZeroPoint", to=onnx.TensorProto.FLOAT),
+             helper.make_node("Gather", [scales, ids], [p + "/s"], name=p + "/GatherScale", axis=0)]
+    centered, scale = p + "/centered", p + "/s"
+    if rank == 3:  # the head's (vocab, blocks, block) bytes; scales and zero points (vocab, blocks, 1)
+        nodes += [helper.make_node("Sub", [p + "/qf", p + "/zpf"], [centered], name=p + "/Sub"),
+                  helper.make_node("Mul", [centered, scale], [out], name=p + "/Mul")]
+    else:  # a (vocab, n_embd) copy with (vocab, n_embd / block) scales: rows to blocks and back
+        width, block = inits[data].dims[1], attrs["block_size"]
+        n_ids = next((len(i.type.tensor_type.shape.dim) for i in model.graph.input if i.name == ids), 2)
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array([0] * n_ids + [width // block, block], np.int64), p + "/blocks_shape"),
+            numpy_helper.from_array(np.array([0] * n_ids + [width], np.int64), p + "/rows_shape"),
+            numpy_helper.from_array(np.array([-1], np.int64), p + "/last")])
+        nodes += [helper.make_node("Reshape", [p + "/qf", p + "/blocks_shape"], [p + "/qb"], name=p + "/Blocks"),
+                  helper.make_node("Unsqueeze", [p + "/zpf", p + "/last"], [p + "/zpb"], name=p + "/ZeroPointBlocks"),
+                  helper.make_node("Unsqueeze", [p + "/s", p + "/last"], [p + "/sb"], name=p + "/ScaleBlocks"),
+                  helper.make_node("Sub", [p + "/qb", p + "/zpb"], [centered], name=p + "/Sub"),
+                  helper.make_node("Mul", [centered, p + "/sb"], [p + "/rows"], name=p + "/Mul"),
+                  helper.make_node("Reshape", [p + "/rows", p + "/rows_shape"], [out], name=p + "/Rows")]
+    replace_node(model, node, nodes)
+    onnx.save_model(model, str(path))
+    return True
 
 
 def readme(m: dict) -> str:

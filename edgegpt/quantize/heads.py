@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from edgegpt.errors import QuantizeError
 from edgegpt.graph.io import load_graph
-from edgegpt.graph.passes import LM_HEAD_WEIGHT_T, embedding_name, tie_lm_head, untie_lm_head
+from edgegpt.graph.passes import LM_HEAD_WEIGHT_T, embedding_name, replace_node, tie_lm_head, untie_lm_head
 
 # The 8-bit LM head (int8 and int4 recipes, and the screened fp32 head's approximation) in blocks of 128:
 # KL to fp32 unchanged from block 32 (0.00158 vs 0.00155, trained 4x256 model); W1 decode 1.10-1.12x and
@@ -147,10 +147,7 @@ def share_head_table(path: Path, head_scale: Optional[np.ndarray] = None) -> boo
         shapes = {out + "_blocks": dims + [blocks, block], rows: dims + [blocks * block], unscaled: dims + [K]}
         model.graph.value_info.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, shape)
                                       for t, shape in shapes.items() if t != out)
-    idx = list(model.graph.node).index(gather)
-    model.graph.node.remove(gather)
-    for k, n in enumerate(nodes):
-        model.graph.node.insert(idx + k, n)
+    replace_node(model, gather, nodes)
     onnx.save_model(model, str(path))
     return True
 
@@ -197,9 +194,7 @@ def quantize_embedding(path: Path, precision: str) -> None:
     node = helper.make_node("GatherBlockQuantized", inputs, list(gather.output), name=gather.name + "BlockQuantized",
                             domain="com.microsoft", block_size=EMBEDDING_BLOCK, gather_axis=0, quantize_axis=1,
                             bits=bits)
-    idx = list(model.graph.node).index(gather)
-    model.graph.node.remove(gather)
-    model.graph.node.insert(idx, node)
+    replace_node(model, gather, [node])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save_model(model, str(path))

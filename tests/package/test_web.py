@@ -55,3 +55,43 @@ def test_web_refusals_and_cli(source, trained_checkpoint, tmp_path):
     assert 'transformers.js layout: onnx/model.onnx' in res.output and 'dtype "fp32"' in res.output
     res = CliRunner().invoke(main, ["generate", str(tmp_path / "w"), "--prompt", "x", "--max-new-tokens", "2"])
     assert res.exit_code != 0 and "is a web package" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("options", [{}, {"lm_head": "int4", "embedding": "int8"}])
+def test_web_graph_reads_the_embedding_with_standard_ops_and_the_same_rows(source, tmp_path, options):
+    """onnxruntime-web's WASM backend has no GatherBlockQuantized: the web graph reads the same bytes with Gather,
+    Cast, Sub and Mul (the head's shared blocks, or a blocked copy), and gives the same logits."""
+    import shutil
+
+    import numpy as np
+    import onnx
+
+    from edgegpt.manifest import seal
+    from edgegpt.quality.evaluate import window_logits
+    from edgegpt.quantize.bundle import quantize_bundle
+    from edgegpt.runtime.session import ModelSession
+
+    q = tmp_path / "int4"
+    m = quantize_bundle(source, q, "int4", options=options, eval_tokens=512, force=True)
+    assert m["recipe"]["embedding_table"] == ("shared" if not options else "copy")
+    pkg = package_bundle(q, "web", tmp_path / "web", precision="int4")
+    assert pkg["package"]["web"]["embedding_in_standard_ops"] is True
+    graph = tmp_path / "web" / pkg["package"]["web"]["model_file"]
+    assert "GatherBlockQuantized" not in {n.op_type for n in onnx.load(str(graph)).graph.node}
+    check = tmp_path / "check"  # the web graph in a copy of the source bundle, to run it with the runtime
+    shutil.copytree(q, check)
+    shutil.copy2(graph, check / MODEL_FILE)
+    seal(check, read_manifest(q))
+    ids = np.arange(3, 40, dtype=np.int64)
+    np.testing.assert_allclose(window_logits(ModelSession(check), ids), window_logits(ModelSession(q), ids),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_4bit_embedding_is_refused_for_the_web(source, tmp_path):
+    from edgegpt.quantize.bundle import quantize_bundle
+
+    q = tmp_path / "int4"
+    quantize_bundle(source, q, "int4", options={"lm_head": "int4", "embedding": "int4"}, eval_tokens=512, force=True)
+    with pytest.raises(PackageError, match="needs an 8-bit or fp32 embedding table"):
+        package_bundle(q, "web", tmp_path / "web", precision="int4")
+    assert not (tmp_path / "web").exists()

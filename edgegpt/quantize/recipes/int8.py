@@ -39,7 +39,9 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     flags = cpu_flags()
     # Without VNNI, x86 u8s8 kernels use VPMADDUBSW which saturates; reduce_range (7-bit weights)
     # avoids it at a small accuracy cost (onnxruntime#6004).
-    reduce_range = platform.machine() in ("x86_64", "AMD64") and not flags & VNNI
+    reduce_range = opts["reduce_range"]
+    if reduce_range == "auto":
+        reduce_range = platform.machine() in ("x86_64", "AMD64") and not flags & VNNI
     model, head = load_untied(src)
     block_matmuls = weight_matmuls(model, exclude=head)
     info, scales = {}, {}
@@ -76,6 +78,9 @@ CARD = RecipeCard(
     summary="int8 weights, int8 activations at run time (VNNI): the fastest with the least quality cost on CPUs",
     options=(
         Option("per_channel", True, (True, False), cli=False),
+        # "auto": 7-bit weights where this machine's int8 kernels saturate; a package for another runtime
+        # (onnxruntime-web's WASM kernels) says what that runtime needs
+        Option("reduce_range", "auto", ("auto", True, False), cli=False),
         Option("smooth", True, (True, False),
                "migrate activation outliers into the weights before quantizing (SmoothQuant, folded into the "
                "LayerNorms; measured on --calibration text) [on]", negative="--no-smooth"),
