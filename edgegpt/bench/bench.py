@@ -11,7 +11,8 @@ from typing import Callable, Optional
 from edgegpt.bench import report
 from edgegpt.bench.harness import SWEEP_NEW_TOKENS, Result, measure
 from edgegpt.bench.roofline import BandwidthProbe, kv_bytes_per_token, weight_bytes_per_token
-from edgegpt.bench.systems import (EdgeGPT, GenAI, LlamaCpp, Optimum, System, TorchEager, gguf_precision,
+from edgegpt.bench.systems import (CTranslate2, EdgeGPT, GenAI, LlamaCpp, Optimum, System, TorchEager, ct2_precision,
+                                   gguf_precision,
                                    onnx_precision)
 from edgegpt.bench.workloads import WORKLOADS, Workload
 from edgegpt.errors import BenchError, BundleError
@@ -38,6 +39,7 @@ class BenchConfig:
     sweep: list[int] = field(default_factory=list)
     roofline: bool = False
     gguf: tuple[str, ...] = ()  # llama.cpp peers on GGUF files of the same weights
+    ct2: tuple[str, ...] = ()  # CTranslate2 peers on models converted from the same checkpoint
     settle_s: float = 0.25  # idle time before each run (see harness.measure)
     genai: tuple[str, ...] = ()  # onnxruntime-genai's loop on these bundles (same graphs, its generator)
     hugepages: str = "edgegpt"  # whose workers start with glibc's huge pages: edgegpt | all | none
@@ -245,6 +247,14 @@ def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads
         if path not in precisions:
             precisions[path] = gguf_precision(path)
         systems[-1].precision = precisions[path]
+    for path in cfg.ct2:
+        if not Path(path, "model.bin").is_file():
+            raise BenchError(f"{path} is not a CTranslate2 model (no model.bin); write one with "
+                             f"scripts/peers/ct2_from_checkpoint.sh")
+        systems.append(CTranslate2(path, threads))
+        if path not in precisions:
+            precisions[path] = ct2_precision(path)
+        systems[-1].precision = precisions[path]
     return systems
 
 
@@ -253,6 +263,8 @@ def _size(s: System) -> Optional[int]:
         return bundle_size(s.bundle)
     if isinstance(s, LlamaCpp):
         return Path(s.gguf).stat().st_size
+    if isinstance(s, CTranslate2):
+        return Path(s.path, "model.bin").stat().st_size
     return None
 
 

@@ -272,3 +272,48 @@ class LlamaCpp(System):
                 logits = np.ctypeslib.as_array(self.llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
         self.tokens = new
         return stamps
+
+
+# CTranslate2's compute types (Generator.compute_type: the type a converted model was saved in) -> precision
+CT2_PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "fp16", "int8": "int8", "int8_float32": "int8",
+                  "int8_float16": "int8", "int8_bfloat16": "int8"}
+
+
+def ct2_precision(path: str | Path) -> Optional[str]:
+    """The precision a CTranslate2 model directory was converted to (None when ctranslate2 is missing)."""
+    try:
+        import ctranslate2
+    except ImportError:
+        return None
+    return CT2_PRECISIONS.get(ctranslate2.Generator(str(path), device="cpu", intra_threads=1).compute_type)
+
+
+class CTranslate2(System):
+    """CTranslate2's Generator on a model converted from the same checkpoint (scripts/peers/ct2_from_checkpoint.sh).
+    Batch 1, greedy (sampling_topk 1), end_token [] so that an end-of-text token never stops it early; the prompt
+    goes in as its vocabulary's token strings, which is what generate_tokens takes."""
+
+    kind = "ctranslate2"
+
+    def __init__(self, path: str, threads: Optional[int]):
+        self.path, self.threads = path, threads
+        self.label = f"CTranslate2 {Path(path).name}"
+
+    def load(self) -> None:
+        try:
+            import ctranslate2
+        except ImportError:
+            raise BenchError("--ct2 needs ctranslate2: pip install ctranslate2") from None
+        self.vocab = json.loads(Path(self.path, "vocabulary.json").read_text())
+        self.gen = ctranslate2.Generator(self.path, device="cpu", intra_threads=self.threads or 0, inter_threads=1)
+
+    def run(self, prompts, new_tokens):
+        if len(prompts) != 1:
+            raise BenchError("the CTranslate2 baseline runs batch 1 only")
+        stamps, new = [], []
+        for step in self.gen.generate_tokens([self.vocab[i] for i in prompts[0]], max_length=new_tokens,
+                                             sampling_topk=1, end_token=[]):
+            stamps.append(time.perf_counter())
+            new.append(int(step.token_id))
+        self.tokens = new
+        return stamps

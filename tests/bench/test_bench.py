@@ -327,3 +327,23 @@ def test_each_system_knows_its_precision_and_notes_compare_matching_peers(bundle
     results = [res("e4", 250.0, 60.0), res("e8", 200.0, 30.0), res("q4", 200.0, 80.0), res("q4 @1t", 100.0, 90.0),
                res("f32", 70.0, 140.0)]
     assert peer_notes(results, systems) == ["e4 against the int4 peers: decode 1.25x q4; TTFT 0.75x q4"]
+
+
+def test_ctranslate2_peer_on_a_conversion_of_the_same_checkpoint(bundle, hf_checkpoint, tmp_path):
+    """CTranslate2's own converter on the checkpoint the bundle came from: same greedy tokens at fp32, its
+    precision read from the converted model, batch 1 only."""
+    pytest.importorskip("ctranslate2")
+    from ctranslate2.converters import TransformersConverter
+
+    from edgegpt.bench.systems import ct2_precision
+
+    out = TransformersConverter(str(hf_checkpoint("distil-like"))).convert(str(tmp_path / "ct2"))
+    assert ct2_precision(out) == "fp32"
+    rep = run_bench(BenchConfig([str(bundle)], Workload("t", 16, 8), threads=1, warmup=0, runs=1, ct2=(out,)))
+    peer = rep.results[1]
+    assert peer.kind == "ctranslate2" and peer.error is None and peer.runs[0].decode_tok_s > 0
+    assert peer.tokens == rep.results[0].tokens  # same weights, same greedy tokens
+    rep = run_bench(BenchConfig([str(bundle)], Workload("t", 16, 8, batch=2), threads=1, warmup=0, runs=1, ct2=(out,)))
+    assert "batch 1 only" in (rep.results[1].error or "")
+    with pytest.raises(BenchError, match="not a CTranslate2 model"):
+        run_bench(BenchConfig([str(bundle)], Workload("t", 16, 8), ct2=(str(tmp_path),)))
