@@ -323,7 +323,7 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
 @click.option("--gguf", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Also time llama.cpp on this GGUF file (scripts/peers/gguf_from_checkpoint.py). Repeatable.")
 @click.option("--ct2", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="Also time CTranslate2 on this converted model (scripts/peers/ct2_from_checkpoint.sh). Repeatable.")
+              help="Also time CTranslate2 on this converted model (scripts/peers/ct2_from_checkpoint.py). Repeatable.")
 @click.option("--genai", "genai_bundles", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Also time onnxruntime-genai's generator on this bundle (same graph), or on any directory with a "
                    "genai_config.json (scripts/peers/optimum_for_genai.py writes Optimum's). Repeatable.")

@@ -250,7 +250,7 @@ def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads
     for path in cfg.ct2:
         if not Path(path, "model.bin").is_file():
             raise BenchError(f"{path} is not a CTranslate2 model (no model.bin); write one with "
-                             f"scripts/peers/ct2_from_checkpoint.sh")
+                             f"scripts/peers/ct2_from_checkpoint.py")
         systems.append(CTranslate2(path, threads))
         if path not in precisions:
             precisions[path] = ct2_precision(path)

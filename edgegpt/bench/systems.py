@@ -289,7 +289,7 @@ def ct2_precision(path: str | Path) -> Optional[str]:
 
 
 class CTranslate2(System):
-    """CTranslate2's Generator on a model converted from the same checkpoint (scripts/peers/ct2_from_checkpoint.sh).
+    """CTranslate2's Generator on a model converted from the same checkpoint (scripts/peers/ct2_from_checkpoint.py).
     Batch 1, greedy (sampling_topk 1), end_token [] so that an end-of-text token never stops it early; the prompt
     goes in as its vocabulary's token strings, which is what generate_tokens takes."""
 

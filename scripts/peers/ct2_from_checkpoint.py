@@ -1,0 +1,39 @@
+"""Convert a GPT-2 checkpoint (HF layout, ours or downloaded) for CTranslate2, so that `edgegpt bench --ct2 DIR`
+times CTranslate2 beside edgegpt bundles of the same weights.
+
+    pip install ctranslate2
+    python scripts/peers/ct2_from_checkpoint.py CHECKPOINT OUT_PREFIX    # writes OUT_PREFIX-f32, OUT_PREFIX-int8
+
+CTranslate2's own converter (TransformersConverter, through transformers), with one addition: a tokenizer
+smaller than the model's vocabulary (the random-weight benchmark models of make_w1_model.py) is padded with
+unused tokens, as gguf_from_checkpoint.py pads the GGUF's; CTranslate2 refuses the mismatch otherwise. Its
+CPU speed depends on CT2_USE_MKL on AMD CPUs (float32 faster with MKL, int8 far slower with it); the bench
+passes the variable through to its worker. A benchmarking aid, not a dependency of edgegpt.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("out_prefix")
+    args = ap.parse_args(argv)
+    import ctranslate2.converters.transformers as ct2t
+
+    def padded(self, spec, tokens, _orig=ct2t.GPT2Loader.set_vocabulary):
+        size = spec.decoder.embeddings.weight.shape[0]
+        _orig(self, spec, list(tokens) + [f"<unused_{i}>" for i in range(size - len(tokens))])
+
+    ct2t.GPT2Loader.set_vocabulary = padded
+    for suffix, quantization in (("f32", None), ("int8", "int8")):
+        out = ct2t.TransformersConverter(args.checkpoint).convert(f"{args.out_prefix}-{suffix}", quantization=quantization,
+                                                                  force=True)
+        print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
