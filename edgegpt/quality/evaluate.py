@@ -39,7 +39,11 @@ class EvalResult:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items() if v is not None}
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+# The decode path every quantized manifest records: a prompt of this many tokens, then this many fed one a step
+DECODE_PROMPT, DECODE_TOKENS = 32, 256
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
@@ -91,12 +95,12 @@ def score(logits: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, *, window
     spans = _windows(len(ids), window, stride)
     for start, end, first in spans:
         chunk = ids[start:end]
-        lp = _log_softmax(logits(chunk))[first - 1:-1]  # rows predicting targets first..end-1
+        lp = log_softmax(logits(chunk))[first - 1:-1]  # rows predicting targets first..end-1
         targets = chunk[first:]
         nll -= lp[np.arange(len(targets)), targets].sum()
         count += len(targets)
         if reference is not None:
-            rp = _log_softmax(reference(chunk))[first - 1:-1]
+            rp = log_softmax(reference(chunk))[first - 1:-1]
             kl += float((np.exp(rp) * (rp - lp)).sum())
             agree += int((rp.argmax(-1) == lp.argmax(-1)).sum())
     res = EvalResult(perplexity=float(np.exp(nll / count)), tokens=count, windows=len(spans), window=window,
@@ -106,8 +110,8 @@ def score(logits: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, *, window
     return res
 
 
-def decode_path(bundle: str | Path, reference: str | Path, text: str, *, prompt: int = 32,
-                tokens: int = 256) -> dict:
+def decode_path(bundle: str | Path, reference: str | Path, text: str, *, prompt: int = DECODE_PROMPT,
+                tokens: int = DECODE_TOKENS) -> dict:
     """KL and top-1 agreement against ``reference`` along the decode path: ``prompt`` tokens of
     ``text`` prefilled, then ``tokens`` more fed one at a time through each bundle's own KV cache
     (teacher-forced). Strided perplexity never reads a cache back; this is what measures a
@@ -115,8 +119,8 @@ def decode_path(bundle: str | Path, reference: str | Path, text: str, *, prompt:
     return decode_paths([bundle], reference, text, prompt=prompt, tokens=tokens)[0]
 
 
-def decode_paths(bundles: list[str | Path], reference: str | Path, text: str, *, prompt: int = 32,
-                 tokens: int = 256) -> list[dict]:
+def decode_paths(bundles: list[str | Path], reference: str | Path, text: str, *, prompt: int = DECODE_PROMPT,
+                 tokens: int = DECODE_TOKENS) -> list[dict]:
     """decode_path for several bundles over the same tokens, running the reference once."""
     sessions = [ModelSession(b) for b in bundles] + [ModelSession(reference)]
     limit = min(s.max_context for s in sessions)
@@ -132,9 +136,9 @@ def decode_logps(sess: ModelSession, ids: list[int], prompt: int) -> np.ndarray:
     """Log-probabilities along the decode path: the last prompt row, then one row per token fed alone."""
     cache = sess.start(1, slots=len(ids))
     x = np.asarray(ids[:prompt], np.int64)[None]
-    rows = [_log_softmax(cache.step(x, np.ones_like(x), np.arange(prompt, dtype=np.int64)[None]))]
+    rows = [log_softmax(cache.step(x, np.ones_like(x), np.arange(prompt, dtype=np.int64)[None]))]
     for t in range(prompt, len(ids) - 1):
-        rows.append(_log_softmax(cache.step(np.asarray([[ids[t]]], np.int64), np.ones((1, t + 1), np.int64),
+        rows.append(log_softmax(cache.step(np.asarray([[ids[t]]], np.int64), np.ones((1, t + 1), np.int64),
                                             np.asarray([[t]], np.int64))))
     return np.concatenate(rows)
 

@@ -26,7 +26,8 @@ import numpy as np
 
 from edgegpt.corpus import default_eval_text
 from edgegpt.manifest import MODEL_FILE
-from edgegpt.quality.evaluate import decode_logps, path_stats, score, window_logits
+from edgegpt.quality.evaluate import (DECODE_PROMPT, DECODE_TOKENS, decode_logps, log_softmax, path_stats, score,
+                                      window_logits)
 from edgegpt.runtime.session import ModelSession
 from edgegpt.runtime.text import load_bundle_tokenizer
 
@@ -44,18 +45,10 @@ def llama_logits(gguf: str, window: int, threads: int):
     return run
 
 
-DECODE_PROMPT, DECODE_TOKENS = 32, 256  # as quality.decode_path
-
-
 def _size(model: str) -> int:
     """The weights' file: a .gguf (which also holds the vocabulary), or a bundle's graph."""
     p = Path(model)
     return (p if p.suffix == ".gguf" else p / MODEL_FILE).stat().st_size
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def llama_decode_logps(gguf: str, ids: list[int], prompt: int, threads: int) -> np.ndarray:
@@ -70,7 +63,7 @@ def llama_decode_logps(gguf: str, ids: list[int], prompt: int, threads: int) -> 
     for t in range(prompt, len(ids) - 1):
         llm.eval([ids[t]])
         rows.append(np.asarray(llm.scores[t], np.float32))
-    return _log_softmax(np.stack(rows))
+    return log_softmax(np.stack(rows))
 
 
 def main(argv=None) -> int:
