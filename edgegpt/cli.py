@@ -170,11 +170,13 @@ def verify(bundle, against, decode_steps, atol):
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help="int8-static calibration text [builtin:pydoc without its held-out tail].")
 @click.option("--fixed-past", type=click.IntRange(min=1), default=None,
-              help="Past slots of the fixed-shape decode variant (mobile) [context - 1].")
+              help="Cache slots of the static graphs (mobile) [context - 1].")
+@click.option("--prefill-buckets", default=None, metavar="N[,N...]",
+              help="Prompt lengths of the static prefill graphs (mobile) [128].")
 @click.option("--force", is_flag=True, help="Keep a precision pass that is over its quality budget.")
 @click.option("--overwrite", is_flag=True)
 @friendly_errors
-def package(bundle, target, out, precision, calibration, fixed_past, force, overwrite):
+def package(bundle, target, out, precision, calibration, fixed_past, prefill_buckets, force, overwrite):
     """Package a bundle for a target: precision, ORT format, operator config, provider report."""
     from edgegpt.corpus import read_nonempty
     from edgegpt.package.bundle import package_bundle, summary
@@ -183,7 +185,9 @@ def package(bundle, target, out, precision, calibration, fixed_past, force, over
     click.echo(f"target {target}: precision {precision or t.default_precision}"
                f"{'' if precision else ' (default: ' + t.why + ')'}; providers {', '.join(t.providers)}")
     m = package_bundle(bundle, target, out, precision=precision, calibration=read_nonempty(calibration, "calibration")
-                       if calibration else None, fixed_past=fixed_past, overwrite=overwrite, force=force)
+                       if calibration else None, fixed_past=fixed_past, overwrite=overwrite, force=force,
+                       prefill_buckets=int_list(prefill_buckets, "--prefill-buckets", "32,128,512")
+                       if prefill_buckets is not None else None)
     click.echo(summary(out, m))
 
 

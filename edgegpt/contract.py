@@ -89,3 +89,24 @@ def dynamic_axes(n_layer: int, *, last_logits_only: bool = False) -> dict[str, d
     axes.update({n: {0: BATCH, 2: PAST} for n in past_names(n_layer)})
     axes.update({n: {0: BATCH, 2: TOTAL} for n in present_names(n_layer)})
     return axes
+
+
+# Static-shape graphs (mobile packages: NNAPI, CoreML, QNN need every dimension fixed). The KV cache is a
+# buffer of P slots the app owns: slot j holds position j. A step of S tokens (S = 1 for decode, a prompt
+# bucket for prefill, left-padded) reads the whole buffer, returns only the S new rows, and the app writes
+# the real ones into their slots, so nothing is copied or shifted per step. Visibility is an additive bias
+# the app builds: 0 where query row r may attend key column c, the graph's mask value elsewhere.
+#
+#     input_ids                          int32 (NNAPI) | int64  [1, S]
+#     position_ids                       as input_ids           [1, S]
+#     attention_bias                     kv                     [1, 1, S, P + S]   columns: P slots, then S rows
+#     past_key_values.{i}.key/value      kv                     [1, n_head, P, head_dim]
+#  -> logits                             float                  [1, 1, vocab]      (the last row's)
+#     new_key_values.{i}.key/value       kv                     [1, n_head, S, head_dim]
+ATTENTION_BIAS = "attention_bias"
+NEW_KEY = "new_key_values.{}.key"
+NEW_VALUE = "new_key_values.{}.value"
+
+
+def new_kv_names(n_layer: int) -> list[str]:
+    return [name.format(i) for i in range(n_layer) for name in (NEW_KEY, NEW_VALUE)]

@@ -96,11 +96,11 @@ def manifest_files(m: dict) -> list[tuple[str, object]]:
     p = m.get("package") if isinstance(m.get("package"), dict) else {}
     o = p.get("ort_format") if isinstance(p.get("ort_format"), dict) else {}
     out += [(f"package.ort_format.{k}", o[k]) for k in ("file", "required_operators") if k in o]
-    for v in p.get("fixed_shape_variants") or []:
+    for v in p.get("static_graphs") or []:
         if not isinstance(v, dict):
-            out.append(("package.fixed_shape_variants", v))
+            out.append(("package.static_graphs", v))
             continue
-        out += [(f"package.fixed_shape_variants.{k}", v[k]) for k in ("file", "required_operators") if k in v]
+        out += [(f"package.static_graphs.{k}", v[k]) for k in ("file", "required_operators") if k in v]
     if "report" in p:
         out.append(("package.report", p["report"]))
     return out

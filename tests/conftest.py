@@ -91,3 +91,22 @@ def trained_bundle(trained_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("rt-trained") / "bundle"
     export_bundle(trained_checkpoint, out)
     return out
+
+
+def run_without_torch(body: str):
+    """Run ``body`` in a fresh Python where torch, onnx, transformers, optimum and safetensors cannot be imported
+    (the embeddable runtime's promise). Returns the CompletedProcess."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        class Block:
+            BLOCKED = ("torch", "onnx", "transformers", "optimum", "safetensors")
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in self.BLOCKED:
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+    """) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

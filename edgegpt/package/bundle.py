@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from edgegpt.atomic import atomic_dir, check_output_dir, scratch_dir
-from edgegpt.errors import PackageError
+from edgegpt.errors import ArgumentError, PackageError
 from edgegpt.limits import check_int
 from edgegpt.manifest import MODEL_FILE, Draft, bundle_file, bundle_size, read_manifest, seal, verify_files
 from edgegpt.package.targets import choose_precision, target as get_target
@@ -22,14 +22,19 @@ log = logging.getLogger(__name__)
 
 
 def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, precision: Optional[str] = None,
-                   calibration: Optional[str] = None, fixed_past: Optional[int] = None, overwrite: bool = False,
+                   calibration: Optional[str] = None, fixed_past: Optional[int] = None,
+                   prefill_buckets: Optional[Sequence[int]] = None, overwrite: bool = False,
                    force: bool = False) -> dict:
+    """prefill_buckets (mobile): the prompt lengths of the static prefill graphs [128, or the cache's slots when
+    fewer]; fixed_past (mobile): the static graphs' cache slots [the context - 1]."""
     bundle, out = Path(bundle), Path(out)
     target = get_target(target_name)
     manifest = read_manifest(bundle)
     want = choose_precision(target, precision)
-    if fixed_past is not None and target.mobile:
-        check_int(fixed_past, "fixed_past", low=1, high=manifest["max_context"] - 1)
+    past, buckets = manifest["max_context"] - 1, ()
+    if target.mobile:
+        past = past if fixed_past is None else check_int(fixed_past, "fixed_past", low=1, high=past)
+        buckets = _buckets(prefill_buckets, past)
     have = manifest["precision"]
     if have != want and have != "fp32":
         raise PackageError(f"{bundle} is {have}; the {target.name} package needs {want}: package the fp32 bundle it "
@@ -49,7 +54,9 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
     if manifest["graph"].get("external_data") and target.mobile:
         raise PackageError(f"{bundle} keeps its weights in external data; ORT-format mobile packages need a model "
                            f"under 2 GB in one file")
-    check_output_dir(out, overwrite=overwrite, what="package", inputs=(bundle,), need_bytes=bundle_size(bundle))
+    copies = 2 + len(buckets) + 1 if target.mobile else 2  # mobile: the .onnx, the .ort and each static graph
+    check_output_dir(out, overwrite=overwrite, what="package", inputs=(bundle,),
+                     need_bytes=copies * bundle_size(bundle))
     verify_files(bundle, manifest)
     with scratch_dir(out) as work:
         src, src_manifest = bundle, manifest
@@ -77,10 +84,11 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
                 # the fp16 graph's Casts would store fp32 copies of the weights)
                 fp32_graph = bundle_file(bundle, manifest["graph"]["file"]) if want == "fp16" and have == "fp32" \
                     else None
-                m["package"].update(mobile_artifacts(tmp, m, fixed_past, fp32_graph))
+                m["package"].update(mobile_artifacts(tmp, m, target.name, past, buckets, fp32_graph))
                 m["graph"] = dict(m["graph"], file=m["package"]["ort_format"]["file"])
                 (tmp / MODEL_FILE).unlink()
                 m["package"]["verification"] = _same_greedy(src, Draft(tmp, m))
+                m["package"]["verification"]["static_graphs"] = _static_check(Draft(tmp, m))
             if target.name == "web":  # transformers.js's layout: the graph under onnx/, unchanged
                 from edgegpt.package import web
 
@@ -89,6 +97,15 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
             (tmp / "README.txt").write_text(web.readme(m) if target.name == "web" else _readme(m))
             sealed = seal(tmp, m)
     return sealed
+
+
+def _buckets(requested: Optional[Sequence[int]], past: int) -> tuple[int, ...]:
+    if requested is None:
+        return (min(128, past),) if past >= 2 else ()
+    if not requested:
+        raise ArgumentError("prefill_buckets is empty: give at least one prompt length (the decode step alone "
+                            "prefills one token a step)")
+    return tuple(sorted({check_int(b, "a prefill bucket", low=2, high=past) for b in requested}))
 
 
 def _web_options(precision: str) -> Optional[dict]:
@@ -119,11 +136,39 @@ def _same_greedy(src: Path, pkg, new_tokens: int = 16) -> dict:
             "reference": "the source ONNX model at onnxruntime's basic optimization level, as the ORT format runs"}
 
 
+def _static_check(pkg, new_tokens: int = 16) -> dict:
+    """The static graphs, driven as an app drives them (runtime.static), against the package's dynamic graph:
+    the same greedy tokens, or a parting on a near tie only (the token the static loop took within the largest
+    logit difference measured along the dynamic graph's tokens)."""
+    import numpy as np
+
+    from edgegpt.export.verify import VERIFY_PROMPT
+    from edgegpt.runtime import Generator
+    from edgegpt.runtime.generator import common_prefix
+    from edgegpt.runtime.session import KVCache
+    from edgegpt.runtime.static import StaticGenerator
+
+    dyn, st = Generator.load(pkg), StaticGenerator.load(pkg)
+    ids = dyn.encode(VERIFY_PROMPT)[:32]
+    x = dyn.generate_ids([ids], new_tokens, ignore_eos=True)[0]
+    y = st.generate_ids(ids, new_tokens, ignore_eos=True)
+    seq = np.array([ids + x[:-1]], np.int64)
+    ref = KVCache(dyn.session, 1).step(seq, np.ones_like(seq), np.arange(seq.shape[1])[None], all_rows=True)
+    ref = ref[0, len(ids) - 1:]
+    diff = float(np.abs(ref - st.score_ids(ids, x)).max())
+    at = common_prefix(x, y)
+    if x != y and ref[at, x[at]] - ref[at, y[at]] > 2 * diff:
+        raise PackageError(f"the static graphs' greedy tokens part from the dynamic graph's at token {at} of "
+                           f"{new_tokens} ({y[at:at + 4]} vs {x[at:at + 4]}) by more than their logits differ")
+    return {"greedy_identical": x == y, "greedy_agreement": at / new_tokens, "max_logit_diff": float(f"{diff:.3g}"),
+            "tokens": new_tokens, "provider": "cpu", "loop": "edgegpt.runtime.static.StaticGenerator"}
+
+
 def _readme(m: dict) -> str:
     p = m["package"]
     files = [m["graph"]["file"], "tokenizer.json", "edgegpt.json"]
-    if "fixed_shape_variants" in p:
-        files += [v["file"] for v in p["fixed_shape_variants"]]
+    if "static_graphs" in p:
+        files += [v["file"] for v in p["static_graphs"]]
     return (f"edgegpt package for {p['target']} ({p['precision']}: {p['precision_reason']}).\n"
             f"Providers to try, in order: {', '.join(p['providers'])}.\n"
             f"Files the app needs: {', '.join(files)}.\n"
@@ -136,8 +181,8 @@ def summary(out: Path, m: dict) -> str:
     if "ort_format" in p:
         o = p["ort_format"]
         lines.append(f"ORT format: {o['file']} {o['bytes'] / 1e6:.1f} MB (ONNX {o['onnx_bytes'] / 1e6:.1f} MB), "
-                     f"operators in {o['required_operators']}; fixed-shape decode variant "
-                     f"{p['fixed_shape_variants'][0]['file']}")
+                     f"operators in {o['required_operators']}; static graphs "
+                     f"{', '.join(g['file'] for g in p['static_graphs'])}")
         lines.append(bundle_file(out, p["report"]).read_text())
     size = m["size_bytes"]
     if "web" in p:

@@ -78,27 +78,6 @@ def _runs(nodes, ok_ids) -> int:
     return runs
 
 
-def make_fixed_decode(src: Path, dst: Path, past_len: int) -> None:
-    """A decode-step variant with every dimension fixed: batch 1, one new token, a past of
-    ``past_len`` slots. Apps keep the past as a left-padded sliding window: unused slots are zeros
-    with attention_mask 0, and after each step they drop the oldest slot of present."""
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
-
-    from edgegpt.contract import BATCH, PAST, SEQ, TOTAL
-
-    from edgegpt.graph.io import ort_optimize
-
-    model = load_graph(src)
-    for param, value in ((BATCH, 1), (SEQ, 1), (PAST, past_len), (TOTAL, past_len + 1)):
-        make_dim_param_fixed(model.graph, param, value)
-    fix_output_shapes(model)
-    staged = dst.with_name(dst.stem + ".unfolded.onnx")
-    onnx.save_model(model, str(staged))
-    # With every shape static, the mask / position / reshape arithmetic folds into constants.
-    ort_optimize(staged, dst)
-    staged.unlink()
-
-
 def to_ort_format(src: Path, dst_dir: Path, *, runtime_optimizations: bool) -> tuple[Path, Path]:
     """Convert with onnxruntime.tools.convert_onnx_models_to_ort. Runtime-optimization style for
     targets with an accelerator EP (it can claim nodes before CPU-only fusions are applied), fixed
@@ -130,60 +109,67 @@ def to_ort_format(src: Path, dst_dir: Path, *, runtime_optimizations: bool) -> t
     return ort_dst, cfg_dst
 
 
-def mobile_artifacts(tmp: Path, manifest: dict, fixed_past: Optional[int], fp32_graph: Optional[Path] = None) -> dict:
-    """Beside tmp's model.onnx: its ORT-format model and operator config, a fixed-shape decode variant
-    (from ``fp32_graph`` converted to fp16 when given), and the provider usability report. Returns the
-    manifest's package section for them."""
+ACCELERATOR = {"android": "nnapi", "ios": "coreml"}  # what each target's static graphs are shaped for
+
+
+def static_files(seq: int) -> str:
+    return "model_decode_static" if seq == 1 else f"model_prefill_{seq}"
+
+
+def mobile_artifacts(tmp: Path, manifest: dict, target: str, past: int, buckets: tuple[int, ...],
+                     fp32_graph: Optional[Path] = None) -> dict:
+    """Beside tmp's model.onnx: its ORT-format model and operator config, the static graphs (a decode step and
+    one prefill graph per bucket; from ``fp32_graph`` converted to fp16 when given) and the provider usability
+    report. Returns the manifest's package section for them."""
+    from edgegpt.package.static import static_graph
+
     onnx_path = tmp / MODEL_FILE
     onnx_size = onnx_path.stat().st_size
     dynamic_cov = ep_coverage(onnx_path, fixed=False)
     ort_path, cfg_path = to_ort_format(onnx_path, tmp, runtime_optimizations=True)
-    past = fixed_past or manifest["max_context"] - 1  # range-checked by package_bundle before any work
-    fixed_onnx = tmp / "model_decode_fixed.onnx"
-    if fp32_graph is not None:
-        from edgegpt.quantize.recipes.fp16 import convert
-
-        fixed_fp32 = tmp / "model_decode_fixed.fp32.onnx"
-        make_fixed_decode(fp32_graph, fixed_fp32, past)
-        onnx.save_model(convert(load_graph(fixed_fp32)), str(fixed_onnx))
-        fixed_fp32.unlink()
-    else:
-        make_fixed_decode(onnx_path, fixed_onnx, past)
-    fixed_cov = ep_coverage(fixed_onnx, fixed=True)
-    fixed_ort, fixed_cfg = to_ort_format(fixed_onnx, tmp, runtime_optimizations=True)
-    fixed_onnx.unlink()
-    report = _report(manifest, dynamic_cov, fixed_cov, past)
-    (tmp / "mobile_usability.md").write_text(report)
+    accelerator = ACCELERATOR[target]
+    statics = []
+    for seq in (1, *buckets):
+        staged = tmp / (static_files(seq) + ".onnx")
+        info = static_graph(fp32_graph or onnx_path, staged, seq=seq, past=past,
+                            n_layer=manifest["architecture"]["n_layer"], accelerator=accelerator,
+                            fp16=fp32_graph is not None)
+        cov = ep_coverage(staged, fixed=True)
+        ort_file, cfg = to_ort_format(staged, tmp, runtime_optimizations=True)
+        staged.unlink()
+        statics.append({"file": ort_file.name, "required_operators": cfg.name,
+                        "use": "decode step" if seq == 1 else "prefill", "accelerator": accelerator, **info,
+                        "coverage": [c.as_dict() for c in cov]})
+    (tmp / "mobile_usability.md").write_text(_report(manifest, dynamic_cov, statics))
     return {
         "ort_format": {"file": ort_path.name, "bytes": ort_path.stat().st_size, "onnx_bytes": onnx_size,
                        "required_operators": cfg_path.name},
-        "fixed_shape_variants": [{"file": fixed_ort.name, "required_operators": fixed_cfg.name,
-                                  "use": "decode step", "batch_size": 1, "sequence_length": 1,
-                                  "past_sequence_length": past,
-                                  "kv_layout": "left-padded sliding window: unused past slots are zeros with "
-                                               "attention_mask 0; drop present's oldest slot after each step"}],
-        "coverage": {"dynamic": [c.as_dict() for c in dynamic_cov], "fixed_decode": [c.as_dict() for c in fixed_cov]},
+        "static_graphs": statics,
+        "coverage": {"dynamic": [c.as_dict() for c in dynamic_cov]},
         "report": "mobile_usability.md",
     }
 
 
-def _report(manifest: dict, dynamic, fixed, past: int) -> str:
+def _report(manifest: dict, dynamic, statics: list[dict]) -> str:
     a = manifest["architecture"]
     lines = [f"# Mobile usability: GPT-2 family, {a['n_layer']} layers x {a['n_embd']}, {manifest['precision']}", "",
              "Produced by onnxruntime's usability checker (NNAPI, CoreML ML Program) and, for XNNPACK, by op type "
              "against its documented operator list. Nodes not taken by a provider run on the CPU EP.", ""]
-    for title, cov in (("Dynamic-shape graph (model.ort)", dynamic),
-                       (f"Fixed-shape decode graph (model_decode_fixed.ort: batch 1, 1 token, past {past})", fixed)):
+    tables = [("Dynamic-shape graph (model.ort)", [c.as_dict() for c in dynamic])]
+    for g in statics:
+        tables.append((f"Static {g['use']} graph ({g['file']}: {g['sequence_length']} rows over {g['past_slots']} "
+                       f"cache slots, shaped for {g['accelerator']})", g["coverage"]))
+    for title, cov in tables:
         lines += [f"## {title}", "", "| provider | nodes supported | partitions | suitability | falls back to CPU |",
                   "|---|---|---|---|---|"]
         for c in cov:
             reasons = []
-            if c.dynamic_shape_nodes:
-                reasons.append(f"{c.dynamic_shape_nodes} nodes have dynamic input shapes")
-            if c.unsupported_ops:
-                reasons.append("unsupported ops: " + ", ".join(c.unsupported_ops))
-            lines.append(f"| {c.provider} | {c.supported}/{c.nodes} ({100 * c.supported / max(1, c.nodes):.0f}%) | "
-                         f"{c.partitions} | {c.suitability} | {'; '.join(reasons) or '-'} |")
+            if c["dynamic_shape_nodes"]:
+                reasons.append(f"{c['dynamic_shape_nodes']} nodes have dynamic input shapes")
+            if c["unsupported_ops"]:
+                reasons.append("unsupported ops: " + ", ".join(c["unsupported_ops"]))
+            lines.append(f"| {c['provider']} | {c['supported']}/{c['nodes']} ({c['supported_pct']:.0f}%) | "
+                         f"{c['partitions']} | {c['suitability']} | {'; '.join(reasons) or '-'} |")
         lines.append("")
     lines += ["Many partitions mean a copy between the accelerator and the CPU at every boundary, every step: "
               "measure against the CPU EP (or XNNPACK) before choosing an accelerator.", ""]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {"Generator": "generator", "GenerationConfig": "generator", "ModelSession": "session",
-            "SamplingParams": "sampling", "PROVIDERS": "providers", "available": "providers"}
+            "SamplingParams": "sampling", "PROVIDERS": "providers", "available": "providers",
+            "StaticGenerator": "static"}
 __all__ = list(_EXPORTS)
 
 

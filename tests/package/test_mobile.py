@@ -6,8 +6,9 @@ import torch
 
 from edgegpt.export.bundle import export_bundle
 from edgegpt.export.onnx_export import ExportOptions
+from edgegpt.manifest import read_manifest
 from edgegpt.package.bundle import package_bundle
-from tests.conftest import make_hf_checkpoint
+from tests.conftest import make_hf_checkpoint, run_without_torch
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +37,126 @@ def test_default_mobile_package_succeeds_on_an_odd_model(odd_traced, target, tmp
     v = m["package"]["verification"]
     assert v["greedy_identical"] and "basic" in v["reference"]
     assert m["package"]["precision"] == {"android": "int8-static", "ios": "fp16"}[target]
+
+
+@pytest.fixture(scope="module")
+def static_android(trained_checkpoint, tmp_path_factory):
+    """The default android package (int8-static) of a trained model, with two prefill buckets."""
+    root = tmp_path_factory.mktemp("static")
+    export_bundle(trained_checkpoint, root / "traced", ExportOptions(graph="traced"))
+    package_bundle(root / "traced", "android", root / "pkg", prefill_buckets=[8, 32])
+    return root / "traced", root / "pkg"
+
+
+def _coverage(graph: dict) -> dict:
+    return {c["provider"]: c for c in graph["coverage"]}
+
+
+def test_static_graphs_go_whole_to_nnapi(static_android):
+    _, pkg = static_android
+    p = read_manifest(pkg)["package"]
+    graphs = {g["sequence_length"]: g for g in p["static_graphs"]}
+    assert sorted(graphs) == [1, 8, 32] and graphs[1]["use"] == "decode step" and graphs[32]["ids_dtype"] == "int32"
+    for g in graphs.values():
+        nnapi = _coverage(g)["nnapi"]
+        assert (nnapi["supported_pct"], nnapi["partitions"], nnapi["suitability"]) == (100, 1, "YES"), nnapi
+        assert (pkg / g["file"]).exists() and (pkg / g["required_operators"]).exists()
+    assert "| nnapi | " in (pkg / "mobile_usability.md").read_text()
+    assert p["verification"]["static_graphs"]["greedy_identical"]
+
+
+def test_static_graphs_go_whole_to_coreml(odd_traced, tmp_path):
+    p = package_bundle(odd_traced, "ios", tmp_path / "ios", prefill_buckets=[16])["package"]
+    for g in p["static_graphs"]:
+        coreml = _coverage(g)["coreml"]
+        assert (coreml["supported_pct"], coreml["partitions"], coreml["suitability"]) == (100, 1, "YES"), coreml
+        assert g["kv_dtype"] == "float16" and g["ids_dtype"] == "int64"
+
+
+PROMPTS = ["The for statement is used", "class C:\n    def", "x",
+           "Changed in version 3.8: the walrus operator assigns values to variables as part of a larger expression. "
+           "The with statement is used to wrap the execution of a block with methods defined by a context manager."]
+
+
+def test_app_loop_over_the_static_graphs_gives_the_dynamic_graphs_tokens(static_android):
+    """Greedy tokens from the static pair (bucketed, left-padded prefill; the fixed decode step writing its row
+    into the app's cache) equal the package's dynamic graph's, for prompts shorter than a bucket, between
+    buckets and longer than the largest (chunked)."""
+    from edgegpt.runtime import Generator
+    from edgegpt.runtime.static import StaticGenerator
+
+    _, pkg = static_android
+    dyn, st = Generator.load(pkg), StaticGenerator.load(pkg)
+    lengths, distinct = set(), 0
+    for prompt in PROMPTS:
+        ids = dyn.encode(prompt)
+        lengths.add(len(ids))
+        want = dyn.generate_ids([ids], 20, ignore_eos=True)[0]
+        assert st.generate_ids(ids, 20, ignore_eos=True) == want, prompt
+        distinct = max(distinct, len(set(want)))
+    assert distinct > 3
+    assert min(lengths) <= 8 and max(lengths) > 32  # one prompt in the small bucket, one chunked
+    text = st.generate("The for statement", 8, temperature=0.8, top_k=20, seed=3)
+    assert text == st.generate("The for statement", 8, temperature=0.8, top_k=20, seed=3) and text
+
+
+def test_app_loop_runs_to_the_end_of_the_context(static_android):
+    from edgegpt.errors import ArgumentError
+    from edgegpt.runtime import Generator
+    from edgegpt.runtime.static import StaticGenerator
+
+    _, pkg = static_android
+    dyn, st = Generator.load(pkg), StaticGenerator.load(pkg)
+    ids = (dyn.encode(PROMPTS[3]) * 10)[:120]
+    n = st.max_context - len(ids)
+    assert st.generate_ids(ids, n, ignore_eos=True) == dyn.generate_ids([ids], n, ignore_eos=True)[0]
+    with pytest.raises(ArgumentError, match="exceeds the model's context"):
+        st.generate_ids(ids, n + 1)
+
+
+def test_static_package_entries_are_checked(static_android, tmp_path):
+    """A package is untrusted: a static graph entry pointing outside it, or with a mask value that would not
+    hide a key, is refused before onnxruntime loads anything."""
+    import json
+    import shutil
+
+    from edgegpt.errors import BundleError
+    from edgegpt.runtime.static import StaticGenerator
+
+    _, pkg = static_android
+    for k, (field, value, match) in enumerate((
+            ("file", "../outside.ort", "not a file inside the bundle"),
+            ("mask_value", 0.0, "mask_value 0.0 is not a large negative number"),
+            ("sequence_length", 10 ** 9, "sequence_length must be from 1 to 127"))):
+        bad = tmp_path / f"bad{k}"
+        shutil.copytree(pkg, bad)
+        m = json.loads((bad / "edgegpt.json").read_text())
+        for entry in m["package"]["static_graphs"]:
+            entry[field] = value
+        (bad / "edgegpt.json").write_text(json.dumps(m))
+        with pytest.raises(BundleError, match=match):
+            StaticGenerator.load(bad)
+
+
+def test_prefill_buckets_are_checked_before_any_work(static_android, tmp_path):
+    from click.testing import CliRunner
+
+    from edgegpt.cli import main
+
+    traced, _ = static_android
+    res = CliRunner().invoke(main, ["package", str(traced), "--target", "android", "--out", str(tmp_path / "p"),
+                                    "--prefill-buckets", "16,4096"])
+    assert res.exit_code != 0 and "prefill bucket must be from 2 to 127" in res.output, res.output
+    assert not (tmp_path / "p").exists()
+
+
+def test_static_loop_needs_only_the_runtime(static_android):
+    """The app-side loop is part of edgegpt.runtime: it runs with torch, onnx and transformers unimportable."""
+    _, pkg = static_android
+    res = run_without_torch(f"""
+        from edgegpt.runtime import StaticGenerator
+        print(len(StaticGenerator.load({str(pkg)!r}).generate_ids([1, 2, 3], 5, ignore_eos=True)))
+        assert not any(m.split(".")[0] in Block.BLOCKED for m in sys.modules)
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "5"

@@ -5,7 +5,6 @@ import logging
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import onnxruntime as ort
@@ -19,6 +18,7 @@ from edgegpt.model import load_checkpoint
 from edgegpt.model.generate import generate_ids
 from edgegpt.runtime import Generator
 from edgegpt.runtime.sampling import SamplingParams
+from tests.conftest import run_without_torch
 
 PROMPTS = ["The try statement", "Function definitions may be", "x"]
 
@@ -161,20 +161,12 @@ def test_broken_bundles_are_clear_errors(fp32_bundle, tmp_path):
 
 
 def test_runtime_imports_and_runs_without_torch_onnx_transformers(fp32_bundle):
-    code = textwrap.dedent(f"""
-        import sys
-        class Block:
-            BLOCKED = ("torch", "onnx", "transformers", "optimum", "safetensors")
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in self.BLOCKED:
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
+    res = run_without_torch(f"""
         from edgegpt.runtime import Generator
         g = Generator.load({str(fp32_bundle[0])!r})
         print(len(g.generate_ids([[1, 2, 3]], 5, ignore_eos=True)[0]))
         assert not any(m.split(".")[0] in Block.BLOCKED for m in sys.modules)
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "5"
 
