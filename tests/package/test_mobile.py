@@ -54,7 +54,10 @@ def _coverage(graph: dict) -> dict:
 
 def test_static_graphs_go_whole_to_nnapi(static_android):
     _, pkg = static_android
-    p = read_manifest(pkg)["package"]
+    m = read_manifest(pkg)
+    p, q = m["package"], m["quality"]  # int8-static keeps its measured quality on the trained model
+    assert m["precision"] == "int8-static" and q["top1_agreement"] > 0.8 and q["decode_path"]["kl_mean"] < 0.05
+    assert 0 < q["greedy_agreement"] <= 1 and q["ppl_increase_pct"] < q["budget_pct"]
     graphs = {g["sequence_length"]: g for g in p["static_graphs"]}
     assert sorted(graphs) == [1, 8, 32] and graphs[1]["use"] == "decode step" and graphs[32]["ids_dtype"] == "int32"
     for g in graphs.values():
