@@ -183,17 +183,6 @@ def test_generate_command_uses_the_runtime_for_bundles(fp32_bundle):
     assert bad.exit_code == 1 and "onnxruntime-android" in bad.output
 
 
-@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(), reason="no CUDAExecutionProvider")
-def test_cuda_keeps_the_cache_on_the_device_and_matches_cpu(fp32_bundle):
-    cpu = Generator.load(fp32_bundle[0])
-    gpu = Generator.load(fp32_bundle[0], provider="cuda")
-    s = gpu.session
-    _, past = s.step(np.array([[1, 2]]), np.ones((1, 2), np.int64), np.arange(2)[None], s.empty_past(1))
-    assert past[0].device_name().lower() == "cuda"
-    ids = cpu.encode(PROMPTS[0])
-    assert gpu.generate_ids([ids], 32, ignore_eos=True) == cpu.generate_ids([ids], 32, ignore_eos=True)
-
-
 def test_hugepages_enable_restarts_the_process_once_with_the_tunable():
     from edgegpt.runtime import hugepages
 
