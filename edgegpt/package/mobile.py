@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -66,6 +67,70 @@ def ep_coverage(path: Path, *, fixed: bool) -> list[Coverage]:
                         sorted({n.op_type for n in nodes} - XNNPACK_OPS), 0,
                         "YES" if len(ok) > 0.75 * len(nodes) else "NO"))
     return out
+
+
+# Qualcomm's HTP (Hexagon NPU) compiled offline, as QNN's tools do on a desktop: onnxruntime-qnn's HTP backend
+# runs on x86-64 Linux and writes a context binary for a given chip without the device. SM8550 (Snapdragon 8
+# Gen 2, HTP v73) stands for a current phone.
+QNN_CHIP = {"soc_model": "57", "htp_arch": "73"}
+_qnn_registered = False
+
+
+def qnn_coverage(path: Path) -> Optional[Coverage]:
+    """How much of ``path`` QNN's HTP backend compiles (the nodes inside its EPContext nodes), or None when
+    onnxruntime-qnn is not installed. Partitions: the EPContext nodes; what is left runs on the CPU EP."""
+    global _qnn_registered
+    try:
+        import onnxruntime as ort
+        import onnxruntime_qnn as qnn
+    except ImportError:
+        return None
+    if not _qnn_registered:
+        ort.register_execution_provider_library(qnn.EP_NAME, qnn.get_library_path())
+        _qnn_registered = True
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == qnn.EP_NAME]
+    nodes = len(load_graph(path, load_external_data=False).graph.node)
+    with tempfile.TemporaryDirectory(prefix="edgegpt-qnn-") as work:
+        ctx = Path(work) / "ctx.onnx"
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        for k, v in (("ep.context_enable", "1"), ("ep.context_file_path", str(ctx)), ("ep.context_embed_mode", "0")):
+            so.add_session_config_entry(k, v)
+        so.add_provider_for_devices(devices, {"backend_path": qnn.get_qnn_htp_path(), **QNN_CHIP})
+        try:
+            with _native_output_silenced():  # the QNN libraries print their own notices
+                ort.InferenceSession(str(path), so)
+            left = list(load_graph(ctx, load_external_data=False).graph.node) if ctx.exists() else None
+        except Exception as e:  # onnxruntime / QNN raise their own exception types per failure
+            log.warning("QNN's HTP compiler failed on %s: %s", path.name, str(e).splitlines()[0][:200])
+            left = None
+    if left is None:
+        return Coverage("qnn-htp", nodes, 0, 0, ["(the HTP compiler failed)"], 0, "NO")
+    on_cpu = [n for n in left if n.op_type != "EPContext"]
+    parts = len(left) - len(on_cpu)
+    inits = {t.name for t in load_graph(path, load_external_data=False).graph.initializer}
+    # a Q/DQ pair at the graph's edge costs nothing; a weight dequantized on the CPU is copied over every step
+    weights = sorted({x for n in on_cpu for x in n.input[:1] if x in inits})
+    edge = all(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in on_cpu) and not weights
+    ops = sorted({n.op_type for n in on_cpu}) + [f"(weight {w} dequantized on the CPU)" for w in weights]
+    return Coverage("qnn-htp", nodes, nodes - len(on_cpu), parts, ops, 0,
+                    "YES" if parts == 1 and edge else "MAYBE" if parts == 1 else "NO")
+
+
+@contextlib.contextmanager
+def _native_output_silenced():
+    """File descriptors 1 and 2 to /dev/null: native libraries write past Python's sys.stdout."""
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 def _runs(nodes, ok_ids) -> int:
@@ -135,6 +200,8 @@ def mobile_artifacts(tmp: Path, manifest: dict, target: str, past: int, buckets:
                             n_layer=manifest["architecture"]["n_layer"], accelerator=accelerator,
                             fp16=fp32_graph is not None)
         cov = ep_coverage(staged, fixed=True)
+        if accelerator == "nnapi":  # QNN also takes the android graphs
+            cov += [c for c in (qnn_coverage(staged),) if c is not None]
         ort_file, cfg = to_ort_format(staged, tmp, runtime_optimizations=True)
         staged.unlink()
         statics.append({"file": ort_file.name, "required_operators": cfg.name,

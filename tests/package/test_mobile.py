@@ -1,6 +1,7 @@
 """Mobile packages on models with odd shapes: the default precision of each mobile target succeeds, and the
 package's own check compares the ORT-format model with the ONNX model it came from like with like."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +164,27 @@ def test_static_loop_needs_only_the_runtime(static_android):
     """)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "5"
+
+
+def test_int8_static_logits_are_not_rounded_to_256_levels(static_android):
+    """quantize_static's Q/DQ pair on the LM head's output is dropped: the logits keep their float values."""
+    from edgegpt.runtime.static import StaticGenerator
+
+    _, pkg = static_android
+    st = StaticGenerator.load(pkg)
+    rows = st.score_ids(st.encode(PROMPTS[0]), st.encode(" to iterate over"))
+    assert min(len(np.unique(r)) for r in rows) > 256
+    assert read_manifest(pkg)["recipe"]["logits"] == "float"
+
+
+def test_qnn_htp_compiles_the_static_graphs(static_android, odd_traced, tmp_path):
+    """onnxruntime-qnn's HTP compiler, offline on this machine: one partition for every static graph; at fp32
+    every node, at int8-static all but the LM head's weight DequantizeLinear (its logits stay float)."""
+    pytest.importorskip("onnxruntime_qnn")
+    _, pkg = static_android
+    fp32 = package_bundle(odd_traced, "android", tmp_path / "fp32", precision="fp32")["package"]["static_graphs"]
+    for graphs, left in ((read_manifest(pkg)["package"]["static_graphs"], 1), (fp32, 0)):
+        for g in graphs:
+            qnn = _coverage(g)["qnn-htp"]
+            assert qnn["partitions"] == 1 and qnn["nodes"] - qnn["supported"] == left, qnn
+            assert qnn["suitability"] == ("YES" if left == 0 else "MAYBE")

@@ -40,8 +40,34 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
         untied.unlink(missing_ok=True)
+    model = onnx.load(str(dst))
+    if _float_logits(model):
+        onnx.save_model(model, str(dst))
     return {"calibration_tokens": sum(f[contract.INPUT_IDS].size for f in feeds), "calibration_windows": len(feeds),
-            "quantized_matmuls": len(weights), "format": "QDQ", "activations": "uint8", "weights": "int8"}
+            "quantized_matmuls": len(weights), "format": "QDQ", "activations": "uint8", "weights": "int8",
+            "logits": "float"}
+
+
+def _float_logits(model) -> bool:
+    """Drop the Q/DQ pair quantize_static puts on the LM head's output, which rounds the logits to 256 levels over
+    their calibrated range (ties between the top tokens): on the trained pydoc model KL 1.55e-3 -> 1.07e-3 and
+    greedy agreement 42% -> 75%. The head's inputs stay quantized; its output is float, so NNAPI still takes the
+    whole graph, while QNN's HTP leaves the head weight's DequantizeLinear to the CPU (a 16-bit pair instead
+    keeps the head whole on neither: NNAPI has no 16-bit QuantizeLinear). onnxruntime's quantizer can exclude
+    outputs only by op type, which would take every MatMul's int8 output. Returns whether the graph changed."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    node = prod.get(contract.LOGITS)
+    while node is not None and node.op_type in ("Reshape", "Identity", "Squeeze", "Unsqueeze"):
+        node = prod.get(node.input[0])
+    if node is None or node.op_type != "DequantizeLinear" or prod.get(node.input[0]) is None or \
+            prod[node.input[0]].op_type != "QuantizeLinear":
+        return False
+    quant = prod[node.input[0]]
+    for n in model.graph.node:
+        n.input[:] = [quant.input[0] if x == node.output[0] else x for x in n.input]
+    model.graph.node.remove(node)
+    model.graph.node.remove(quant)
+    return True
 
 
 CARD = RecipeCard(
