@@ -36,8 +36,14 @@ def odd_traced(tokenizers_by_vocab, tmp_path_factory):
 def test_default_mobile_package_succeeds_on_an_odd_model(odd_traced, target, tmp_path):
     m = package_bundle(odd_traced, target, tmp_path / target)
     v = m["package"]["verification"]
-    assert v["greedy_identical"] and "basic" in v["reference"]
+    assert v["greedy_identical"] and "basic" in v["reference"] and v["static_graphs"]["greedy_agreement"] > 0
     assert m["package"]["precision"] == {"android": "int8-static", "ios": "fp16"}[target]
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda", "web"])
+def test_default_desktop_and_web_packages_succeed_on_an_odd_model(odd_traced, target, tmp_path):
+    m = package_bundle(odd_traced, target, tmp_path / target)
+    assert m["package"]["precision"] == {"cpu": "int8", "cuda": "fp16", "web": "int8"}[target]
 
 
 @pytest.fixture(scope="module")
