@@ -307,7 +307,7 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
 
 @main.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--workload", metavar="W1|W2|W3", default=None,
+@click.option("--workload", metavar="W1..W5", default=None,
               help="A workload of docs/design.md (any case) [W1 when no explicit sizes are given].")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=None)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=None)
@@ -339,7 +339,8 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
               help="Whose worker processes start with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (huge pages for the "
                    "weights; Linux, glibc >= 2.35): edgegpt's, every system's, or none.")
 @click.option("--speculate", metavar="lookup|DRAFT_BUNDLE", default=None,
-              help="Also run every --kv-cache shared bundle with full logits speculating (rows '+lookup', '+draft').")
+              help="Also run every --kv-cache shared bundle with full logits speculating (rows '+lookup', '+draft'); "
+                   "with lookup, also the peers' own prompt lookup (--gguf, --baseline torch).")
 @friendly_errors
 def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider, warmup, runs, settle, baselines,
           checkpoint, gguf, ct2, genai_bundles, sweep_context, plot_path, json_path, roofline, hugepages, speculate):

@@ -99,7 +99,7 @@ def resolve_workload(name: Optional[str], prompt_tokens: Optional[int], new_toke
     else:
         w = Workload("custom", 128, 128)
     return Workload(w.name if not (prompt_tokens or new_tokens or batch) else "custom",
-                    prompt_tokens or w.prompt_tokens, new_tokens or w.new_tokens, batch or w.batch, w.model)
+                    prompt_tokens or w.prompt_tokens, new_tokens or w.new_tokens, batch or w.batch, w.model, w.text)
 
 
 def run_bench(cfg: BenchConfig, start: Optional[Callable[[int], Callable[[str], None]]] = None) -> BenchReport:
@@ -158,7 +158,7 @@ def run_bench(cfg: BenchConfig, start: Optional[Callable[[int], Callable[[str], 
     def probe(s: System) -> Optional[float]:
         return probes[s.threads]() if isinstance(s, EdgeGPT) and weights.get(s.bundle) else None
     progress = start(len(systems) * (cfg.warmup + cfg.runs + len(sweep) * max(1, cfg.runs))) if start else None
-    results = measure(systems, w.prompt_ids(vocab), w.new_tokens, warmup=cfg.warmup, runs=cfg.runs, sweep=sweep,
+    results = measure(systems, _prompts(w, cfg.bundles, manifests, vocab), w.new_tokens, warmup=cfg.warmup, runs=cfg.runs, sweep=sweep,
                       progress=progress, settle_s=cfg.settle_s, probe=probe if probes else None)
     bws = {}
     for t, p in probes.items():
@@ -198,6 +198,11 @@ def thread_counts(threads: Optional[int] | tuple[int, ...]) -> tuple[Optional[in
     return counts
 
 
+# draft tokens per step of the peers' own prompt lookup: transformers' documented example and llama-cpp-python's
+# LlamaPromptLookupDecoding default
+PEER_LOOKUP_TOKENS = 10
+
+
 def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads: Optional[int],
              n_ctx: int, precisions: Optional[dict[str, Optional[str]]] = None) -> list[System]:
     """Every system the config asks for, at one thread count, each with its precision (``precisions``
@@ -210,7 +215,8 @@ def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads
         name = "lookup" if cfg.speculate == "lookup" else f"draft {Path(cfg.speculate).name}"
         for b, label, m in zip(cfg.bundles, labels, manifests):
             o = m["graph"]["options"]
-            if o.get("shared_kv_buffer") and not o.get("last_logits_only"):  # what verification needs
+            # what verification needs; int8's per-step activation scale would make it inexact (runtime refuses)
+            if o.get("shared_kv_buffer") and not o.get("last_logits_only") and m["precision"] != "int8":
                 systems.append(EdgeGPT(b, threads, cfg.provider, f"{label} +{name}", speculate=cfg.speculate))
                 systems[-1].precision = m["precision"]
     # Optimum needs the plain contract (a growing past, every position's logits): the first such bundle.
@@ -228,6 +234,9 @@ def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads
                                  + (f" (the bundle records {recorded})" if isinstance(recorded, str) else ""))
             systems.append(TorchEager(src, threads))
             systems[-1].precision = "fp32"
+            if cfg.speculate == "lookup":  # transformers' prompt_lookup_num_tokens
+                systems.append(TorchEager(src, threads, lookup=PEER_LOOKUP_TOKENS))
+                systems[-1].precision = "fp32"
         elif b == "optimum" or b == "genai":
             if plain is None:
                 raise BenchError(f"--baseline {b} runs the standard contract: add a bundle exported with "
@@ -243,10 +252,11 @@ def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads
     for path in cfg.gguf:
         if not Path(path).is_file():
             raise BenchError(f"GGUF file {path} does not exist; write one with scripts/peers/gguf_from_checkpoint.py")
-        systems.append(LlamaCpp(path, threads, n_ctx))
         if path not in precisions:
             precisions[path] = gguf_precision(path)
-        systems[-1].precision = precisions[path]
+        for lookup in (None, PEER_LOOKUP_TOKENS) if cfg.speculate == "lookup" else (None,):
+            systems.append(LlamaCpp(path, threads, n_ctx, lookup=lookup))  # lookup: LlamaPromptLookupDecoding
+            systems[-1].precision = precisions[path]
     for path in cfg.ct2:
         if not Path(path, "model.bin").is_file():
             raise BenchError(f"{path} is not a CTranslate2 model (no model.bin); write one with "
@@ -256,6 +266,18 @@ def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads
             precisions[path] = ct2_precision(path)
         systems[-1].precision = precisions[path]
     return systems
+
+
+def _prompts(w: Workload, bundles: list[str], manifests: list[dict], vocab: int) -> list[list[int]]:
+    """The workload's prompts; a text workload's are tokenized once, so every bundle must share the tokenizer."""
+    if w.text is None:
+        return w.prompt_ids(vocab)
+    from edgegpt.runtime.text import load_bundle_tokenizer
+
+    tables = {m["files"].get("tokenizer.json", {}).get("sha256") for m in manifests}
+    if len(tables) != 1 or None in tables:
+        raise BenchError(f"{w.name} prompts with text: every bundle needs the same tokenizer.json")
+    return w.prompt_ids(vocab, load_bundle_tokenizer(bundles[0]))
 
 
 def _size(s: System) -> Optional[int]:

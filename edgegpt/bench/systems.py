@@ -107,11 +107,13 @@ class EdgeGPT(System):
         return stamps
 
 
-def _hf_generate(model, prompts, new_tokens) -> tuple[list[float], list[int]]:
-    """transformers' generate with a logits processor that stamps the time of every step; the stamps and
+def _hf_generate(model, prompts, new_tokens, lookup: Optional[int] = None) -> tuple[list[float], list[int]]:
+    """transformers' generate, stamping the time each token is ready (a logits processor per step; with
+    ``lookup``, prompt_lookup_num_tokens, a streamer, since one step then yields several tokens); the stamps and
     the first prompt's new tokens."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers.generation.streamers import BaseStreamer
 
     stamps: list[float] = []
 
@@ -120,12 +122,26 @@ def _hf_generate(model, prompts, new_tokens) -> tuple[list[float], list[int]]:
             stamps.append(time.perf_counter())
             return scores
 
+    class Stream(BaseStreamer):
+        prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:  # generate hands the prompt over first
+                self.prompt_seen = True
+                return
+            stamps.extend([time.perf_counter()] * int(value.numel()))
+
+        def end(self):
+            pass
+
     ids = torch.tensor(prompts)
+    kw = dict(prompt_lookup_num_tokens=lookup, streamer=Stream()) if lookup else \
+        dict(logits_processor=LogitsProcessorList([Stamp()]))
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                             logits_processor=LogitsProcessorList([Stamp()]))
-    return stamps, [int(t) for t in out[0, ids.shape[1]:]]
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kw)
+    # assisted generation can accept past max_new_tokens within its last step
+    return stamps[:new_tokens], [int(t) for t in out[0, ids.shape[1]:ids.shape[1] + new_tokens]]
 
 
 class TorchEager(System):
@@ -134,8 +150,10 @@ class TorchEager(System):
     kind = "torch"
     label = "torch eager (transformers)"
 
-    def __init__(self, checkpoint: str, threads: Optional[int]):
-        self.checkpoint, self.threads = checkpoint, threads
+    def __init__(self, checkpoint: str, threads: Optional[int], lookup: Optional[int] = None):
+        self.checkpoint, self.threads, self.lookup = checkpoint, threads, lookup
+        if lookup:
+            self.label = f"{self.label} +prompt_lookup_num_tokens={lookup}"
 
     def load(self) -> None:
         try:
@@ -151,7 +169,7 @@ class TorchEager(System):
         self.model = GPT2LMHeadModel.from_pretrained(self.checkpoint).eval()
 
     def run(self, prompts, new_tokens):
-        stamps, self.tokens = _hf_generate(self.model, prompts, new_tokens)
+        stamps, self.tokens = _hf_generate(self.model, prompts, new_tokens, lookup=self.lookup)
         return stamps
 
 
@@ -179,7 +197,7 @@ class Optimum(System):
         self.model = ORTModelForCausalLM.from_pretrained(self.bundle, session_options=so)
 
     def run(self, prompts, new_tokens):
-        stamps, self.tokens = _hf_generate(self.model, prompts, new_tokens)
+        stamps, self.tokens = _hf_generate(self.model, prompts, new_tokens, lookup=self.lookup)
         return stamps
 
 
@@ -237,9 +255,9 @@ class LlamaCpp(System):
 
     kind = "llama.cpp"
 
-    def __init__(self, gguf: str, threads: Optional[int], n_ctx: int):
-        self.gguf, self.threads, self.n_ctx = gguf, threads, n_ctx
-        self.label = f"llama.cpp {Path(gguf).stem}"
+    def __init__(self, gguf: str, threads: Optional[int], n_ctx: int, lookup: Optional[int] = None):
+        self.gguf, self.threads, self.n_ctx, self.lookup = gguf, threads, n_ctx, lookup
+        self.label = f"llama.cpp {Path(gguf).stem}" + (f" +LlamaPromptLookupDecoding({lookup})" if lookup else "")
 
     def load(self) -> None:
         try:
@@ -250,12 +268,29 @@ class LlamaCpp(System):
         import numpy as np
 
         self.np, self.llama_cpp = np, llama_cpp
+        draft = None
+        if self.lookup:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            draft = LlamaPromptLookupDecoding(num_pred_tokens=self.lookup)
         self.llm = Llama(model_path=self.gguf, n_ctx=self.n_ctx, n_batch=512, n_ubatch=512,
-                         n_threads=self.threads or None, n_threads_batch=self.threads or None, verbose=False)
+                         n_threads=self.threads or None, n_threads_batch=self.threads or None, verbose=False,
+                         draft_model=draft)
 
     def run(self, prompts, new_tokens):
         if len(prompts) != 1:
             raise BenchError("the llama.cpp baseline runs batch 1 only")
+        if self.lookup:  # llama-cpp-python's own loop: it drafts, verifies and rewinds
+            stamps, new = [], []
+            self.llm.reset()  # else generate reuses the last run's cache of the same prompt
+            for tok in self.llm.generate(list(prompts[0]), temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                         repeat_penalty=1.0, reset=True):
+                stamps.append(time.perf_counter())
+                new.append(int(tok))
+                if len(new) == new_tokens:
+                    break
+            self.tokens = new
+            return stamps
         llm, np = self.llm, self.np
         llm.reset()
         stamps, new = [], []

@@ -120,6 +120,11 @@ class Generator:
             raise ArgumentError(f"speculative decoding verifies several tokens in one step: {s.bundle} needs a shared "
                                 f"KV buffer and every position's logits (export with --kv-cache shared, without "
                                 f"--last-logits-only)")
+        if s.manifest.get("precision") == "int8":
+            raise ArgumentError(f"{s.bundle} is int8: its MatMuls quantize each step's activations with one scale "
+                                f"for all the step's rows, so a verification step's tokens can differ from one-token "
+                                f"steps'. Speculate on the fp32 (or --lm-head screened) or int4 bundle, whose output "
+                                f"stays exact")
         if speculate == "lookup":
             return spec.LookupDrafter()
         if isinstance(speculate, Generator):
@@ -251,6 +256,7 @@ class Generator:
 
         params, drafter, k, payoff = cfg.params, self.drafter, AdaptiveK(), self._payoff
         drafter.reset()
+        payoff.new_generation()
         row_seen = None if seen is None else seen[0]
         logits = cache.step(step_ids, np.ones((1, length), np.int64), step_pos)
         if reuse:
@@ -269,9 +275,11 @@ class Generator:
                     return
             t = context[-1]  # pending: sampled, not in the cache yet; the cache holds `length` tokens
             room = cfg.max_new_tokens - emitted - 1
+            on = room > 0 and payoff.speculate()
+            # off: a free drafter's proposal, unverified, tells Payoff when the text starts repeating (untimed)
+            shadow = drafter.propose(context, 1, params, rng, row_seen)[0] if not on and drafter.free else None
             t0 = time.perf_counter()
-            drafts, dists = drafter.propose(context, min(k.k, room), params, rng, row_seen) \
-                if room > 0 and payoff.speculate() else ([], None)
+            drafts, dists = drafter.propose(context, min(k.k, room), params, rng, row_seen) if on else ([], None)
             feed = np.asarray([[t, *drafts]], np.int64)
             mask = np.ones((1, length + feed.shape[1]), np.int64)
             pos = np.arange(length, length + feed.shape[1], dtype=np.int64)[None]
@@ -280,6 +288,8 @@ class Generator:
                 logits = cache.step(feed, mask, pos)
                 new = [int(select_next(logits, params, rng, seen)[0])]
                 payoff.plain(time.perf_counter() - t0)
+                if shadow is not None:
+                    payoff.shadow(shadow[:1] == new)
             else:
                 rows = cache.step(feed, mask, pos, all_rows=True)[0]
                 kept, follow = verify(rows, drafts, dists, params, rng, None if row_seen is None else row_seen.copy())

@@ -43,6 +43,8 @@ K_START, K_MAX = 4, 7  # K + 1 rows per verification step: the screened head scr
 class LookupDrafter:
     """n-gram prompt lookup over the context, indexed incrementally (O(n) per new token)."""
 
+    free = True  # proposing runs no model: Payoff can shadow it while speculation is off
+
     def __init__(self, max_n: int = 3, min_n: int = 1):
         self.ns = tuple(range(max_n, min_n - 1, -1))
         self.reset()
@@ -71,6 +73,8 @@ class LookupDrafter:
 
 class ModelDrafter:
     """A draft bundle with its own shared KV buffer; ``fed`` is what that buffer holds."""
+
+    free = False
 
     def __init__(self, draft, target_session):
         s = draft.session
@@ -176,7 +180,8 @@ class Payoff:
     (drafting and verifying) against the median time of the last plain steps, kept across a Generator's generations. The
     first PROBE steps run plain; speculation goes off when, over its last WINDOW steps, it is not at least 3%
     faster per token, and is tried again after RETRY steps while off (the text may start repeating), twice as
-    long after every trial that keeps it off (up to RETRY_MAX), so a drafter that never pays costs almost nothing."""
+    long after every trial that keeps it off (up to RETRY_MAX), so a drafter that never pays costs almost nothing.
+    Each generation starts with it on (``new_generation``)."""
 
     PROBE, WINDOW, MARGIN, RETRY, RETRY_MAX = 3, 6, 0.97, 32, 2048
 
@@ -184,6 +189,25 @@ class Payoff:
         self.plain_s: list[float] = []
         self.spec: list[tuple[float, int]] = []
         self.off, self.waited, self.retry = False, 0, self.RETRY
+        self.hits: list[bool] = []  # shadow(): the last proposals made while off, matched or not
+
+    SHADOW = (3, 4)  # lookup while off: back on when 3 of its last 4 unverified proposals were the next token
+
+    def shadow(self, hit: bool) -> None:
+        """While off, a lookup drafter still proposes (for free: no model runs) and the proposal is set against
+        the token the plain step then produced. When the text starts repeating, speculation comes back at once
+        instead of after the retry interval; the clock judges it again over its next WINDOW steps."""
+        need, of = self.SHADOW
+        self.hits = (self.hits + [hit])[-of:]
+        if self.off and sum(self.hits) >= need:
+            log.info("speculation back on: lookup matched %d of the last %d tokens", sum(self.hits), of)
+            self.spec, self.off, self.waited, self.hits = [], False, 0, []
+
+    def new_generation(self) -> None:
+        """A new text may repeat where the last did not: speculation starts on again, judged afresh on its first
+        WINDOW steps (the plain steps' times are kept). The retry interval keeps growing within a generation
+        only, so one generation that did not pay cannot keep the next from speculating."""
+        self.spec, self.off, self.waited, self.retry, self.hits = [], False, 0, self.RETRY, []
 
     def speculate(self) -> bool:
         if len(self.plain_s) < self.PROBE:

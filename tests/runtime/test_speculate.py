@@ -131,6 +131,12 @@ def test_what_cannot_speculate_is_refused(bundles, hf_checkpoint, tmp_path):
     with pytest.raises(ArgumentError, match="speculate must be"):
         Generator(Generator.load(bundles / "fp32").session, Generator.load(bundles / "fp32").tokenizer,
                   speculate="ngram")
+    from edgegpt.quantize.bundle import quantize_bundle
+
+    # int8's dynamic activation scale spans a step's rows: a verification step is not a one-token step
+    quantize_bundle(bundles / "fp32", tmp_path / "int8", "int8", eval_tokens=512, force=True)
+    with pytest.raises(ArgumentError, match="is int8: .*Speculate on the fp32"):
+        Generator.load(tmp_path / "int8", speculate="lookup")
 
 
 def test_chat_keeps_its_drafter(bundles):
@@ -141,3 +147,25 @@ def test_chat_keeps_its_drafter(bundles):
     assert spec.gen.drafter is not None and spec.reuses_cache
     for line in ("The with statement", "and the try statement"):
         assert "".join(spec.turn(line)) == "".join(plain.turn(line))
+
+
+def test_payoff_goes_off_by_the_clock_and_back_on_when_lookup_would_match(monkeypatch):
+    monkeypatch.setattr(Payoff, "MARGIN", 0.97)
+    monkeypatch.setattr(Payoff, "PROBE", 3)
+    p = Payoff()
+    for _ in range(3):
+        p.plain(1.0)
+    assert p.speculate()
+    for _ in range(Payoff.WINDOW):
+        p.speculative(2.0, 1)  # 2 s a token against 1 s plain: it does not pay
+    assert p.off and not p.speculate()
+    for hit in (True, False, True):  # 2 of the last 3 unverified proposals were right: not yet
+        p.shadow(hit)
+    assert p.off
+    p.shadow(True)  # 3 of the last 4
+    assert not p.off and p.speculate()
+    for _ in range(Payoff.WINDOW):
+        p.speculative(2.0, 1)
+    assert p.off
+    p.new_generation()  # each generation starts on, judged afresh
+    assert not p.off and p.speculate()
