@@ -2,7 +2,7 @@
 
 A separate command rather than options on export/quantize: packaging is a pure function of a
 finished bundle, may need a precision pass first, and produces target-specific artifacts (ORT
-format, operator configs, fixed-shape variants, a provider report) that desktop bundles do not want.
+format, operator configs, static graphs, a provider report) that desktop bundles do not want.
 """
 
 from __future__ import annotations

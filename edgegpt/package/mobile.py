@@ -1,6 +1,6 @@
 """Mobile packages, with onnxruntime's own tools: ORT-format conversion with the
 required-operators config a reduced build needs, the NNAPI / CoreML usability check, XNNPACK
-coverage, and fixed-shape decode variants for providers that need static shapes.
+coverage, QNN's offline HTP compile, and the static graphs (static.py) for providers that need static shapes.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Deployment targets as data: the precision each defaults to (and why), the execution providers an app
-should try in order, and whether it is a mobile target (ORT format, fixed-shape variants). Which
+should try in order, and whether it is a mobile target (ORT format, static graphs). Which
 precisions a target runs comes from the recipe cards (quantize/recipes/), not from here."""
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ FP32_OPS = ["LayerNormalization", "Softmax"]
 
 
 def convert(model):
-    """The fp16 graph of an fp32 model (also used by package for its fixed-shape decode variant)."""
+    """The fp16 graph of an fp32 model (also used by package for its static graphs)."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
