@@ -149,6 +149,7 @@ class TorchEager(System):
 
     kind = "torch"
     label = "torch eager (transformers)"
+    lookup: Optional[int] = None  # transformers' prompt_lookup_num_tokens (Optimum's generate takes it too)
 
     def __init__(self, checkpoint: str, threads: Optional[int], lookup: Optional[int] = None):
         self.checkpoint, self.threads, self.lookup = checkpoint, threads, lookup
