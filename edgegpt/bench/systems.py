@@ -149,7 +149,6 @@ class TorchEager(System):
 
     kind = "torch"
     label = "torch eager (transformers)"
-    lookup: Optional[int] = None  # transformers' prompt_lookup_num_tokens (Optimum's generate takes it too)
 
     def __init__(self, checkpoint: str, threads: Optional[int], lookup: Optional[int] = None):
         self.checkpoint, self.threads, self.lookup = checkpoint, threads, lookup
@@ -198,7 +197,7 @@ class Optimum(System):
         self.model = ORTModelForCausalLM.from_pretrained(self.bundle, session_options=so)
 
     def run(self, prompts, new_tokens):
-        stamps, self.tokens = _hf_generate(self.model, prompts, new_tokens, lookup=self.lookup)
+        stamps, self.tokens = _hf_generate(self.model, prompts, new_tokens)
         return stamps
 
 
