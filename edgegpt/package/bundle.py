@@ -54,7 +54,7 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
     if manifest["graph"].get("external_data") and target.mobile:
         raise PackageError(f"{bundle} keeps its weights in external data; ORT-format mobile packages need a model "
                            f"under 2 GB in one file")
-    copies = 2 + len(buckets) + 1 if target.mobile else 2  # mobile: the .onnx, the .ort and each static graph
+    copies = 3 + len(buckets) if target.mobile else 2  # mobile: the .onnx, the .ort, the decode and prefill graphs
     check_output_dir(out, overwrite=overwrite, what="package", inputs=(bundle,),
                      need_bytes=copies * bundle_size(bundle))
     verify_files(bundle, manifest)
