@@ -108,12 +108,13 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(hf_checkpoint, tiny_bundle, 
                    "has 0 MB free")
     monkeypatch.undo()
     # ENOSPC halfway through writing: one line, no partial output, no temporary left
-    import onnx
+    from edgegpt.graph import io as gio
 
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "e" / "model.onnx"))
+    def full(model, path):
+        Path(path).write_bytes(b"part of a graph")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(onnx, "save_model", full)
+    monkeypatch.setattr(gio, "write_streamed", full)
     one_line_error(CliRunner().invoke(main, ["export", str(hf_checkpoint("small-vocab")), "--out",
                                              str(tmp_path / "e")]), "No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -1,0 +1,30 @@
+"""graph.io's streamed writer: one initializer at a time, the same model as onnx's own save."""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgegpt.graph.io import save_model, write_streamed
+
+
+def test_streamed_file_is_the_model_onnx_would_write(trained_bundle, tmp_path):
+    model = onnx.load(str(trained_bundle / "model.onnx"))
+    save_model(model, tmp_path / "a.onnx", external=False)
+    onnx.save_model(model, str(tmp_path / "b.onnx"))
+    assert onnx.load(str(tmp_path / "a.onnx")) == onnx.load(str(tmp_path / "b.onnx")) == model
+    assert (tmp_path / "a.onnx").stat().st_size == (tmp_path / "b.onnx").stat().st_size
+
+
+def test_tensors_without_raw_data_and_an_empty_graph(tmp_path):
+    """Initializers held as typed fields (int64_data, float_data, a string), beside raw ones."""
+    raw = numpy_helper.from_array(np.arange(300, dtype=np.float32).reshape(3, 100), "raw")
+    typed = helper.make_tensor("typed", TensorProto.INT64, [4], [1, -2, 3, 2 ** 40])
+    floats = helper.make_tensor("floats", TensorProto.FLOAT, [2], [0.5, -1.5])
+    strings = helper.make_tensor("strings", TensorProto.STRING, [1], [b"x"])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 100])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 100])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "raw"], ["y"])], "g", [x], [y],
+                              [raw, typed, floats, strings])
+    for m in (helper.make_model(graph), helper.make_model(helper.make_graph([], "empty", [], []))):
+        write_streamed(m, tmp_path / "m.onnx")
+        assert onnx.load(str(tmp_path / "m.onnx")) == m
