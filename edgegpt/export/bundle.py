@@ -17,7 +17,7 @@ from edgegpt import __version__, contract
 from edgegpt.atomic import atomic_dir, check_free_space, check_output_dir
 from edgegpt.errors import ExportError, VerificationFailed
 from edgegpt.export.onnx_export import ExportOptions, export_graph
-from edgegpt.export.verify import verify_bundle
+from edgegpt.export.verify import torch_reference, verify_bundle
 from edgegpt.limits import check_int
 from edgegpt.manifest import MODEL_FILE, TOKENIZER_FILE, Draft, read_manifest, seal, verify_files
 from edgegpt.model.checkpoint import checkpoint_hash, config_to_hf, distilled_from, generation_config, load_checkpoint
@@ -91,6 +91,10 @@ def export_bundle(model_dir: str | Path, out: str | Path, options: ExportOptions
         t0 = time.perf_counter()
         graph = export_graph(model, tmp, options)
         export_s = time.perf_counter() - t0
+        # PyTorch's side of the parity check first, then the torch weights go: onnxruntime's session need not
+        # load beside them (the check was export's peak memory)
+        reference = torch_reference(model, tok, decode_steps)
+        del model
         write_side_files(tmp, cfg, tok, shared_kv=options.kv_cache == "shared")
         manifest = {
             "created_by": f"edgegpt {__version__}",
@@ -107,8 +111,8 @@ def export_bundle(model_dir: str | Path, out: str | Path, options: ExportOptions
                        **({"distilled_from": d} if (d := distilled_from(model_dir)) else {})},
             "export_seconds": round(export_s, 2),
         }
-        manifest["verification"] = verify_bundle(Draft(tmp, manifest), model, tok, decode_steps=decode_steps,
-                                                 atol=atol)
+        manifest["verification"] = verify_bundle(Draft(tmp, manifest), None, tok, decode_steps=decode_steps,
+                                                 atol=atol, reference=reference)
         sealed = seal(tmp, manifest)
         if not manifest["verification"]["passed"]:
             failed = failure_message(manifest["verification"])

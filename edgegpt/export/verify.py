@@ -59,14 +59,30 @@ def onnx_step(sess, manifest: dict, ids: np.ndarray, past: Optional[list], past_
 
 
 @torch.no_grad()
-def verify_bundle(bundle: str | Path, model, tok, *, decode_steps: int = 32, atol: Optional[float] = None) -> dict:
-    """Run the bundle and the PyTorch model side by side; return the manifest's verification section."""
+def torch_reference(model, tok, decode_steps: int = 32) -> tuple[list[int], list[np.ndarray]]:
+    """The verification prompt and PyTorch's last-position logits after it and after each of its greedy steps.
+    Computed before the bundle's session loads, so a caller can free the torch model first (export's peak
+    memory: the torch weights and onnxruntime's copy of them need not be held at once)."""
+    prompt, steps = verify_prompt_ids(tok, model.config.n_positions, decode_steps)
+    x, past, logits = torch.tensor([prompt]), None, []
+    for _ in range(steps + 1):
+        lt, past = model(x, past)
+        logits.append(lt[:, -1].numpy().copy())
+        x = torch.tensor([[int(logits[-1].argmax())]])
+    return prompt, logits
+
+
+def verify_bundle(bundle: str | Path, model, tok, *, decode_steps: int = 32, atol: Optional[float] = None,
+                  reference: Optional[tuple[list[int], list[np.ndarray]]] = None) -> dict:
+    """Run the bundle against PyTorch's logits (``reference`` from torch_reference, else computed from
+    ``model``, teacher-forced on PyTorch's greedy tokens); return the manifest's verification section."""
     import onnxruntime as ort
 
     manifest = read_manifest(bundle)
     precision = manifest["precision"]
     atol = TOLERANCE.get(precision) if atol is None else atol
-    prompt, steps = verify_prompt_ids(tok, model.config.n_positions, decode_steps)
+    t0 = time.perf_counter()
+    prompt, ref = reference if reference is not None else torch_reference(model, tok, decode_steps)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
@@ -76,25 +92,20 @@ def verify_bundle(bundle: str | Path, model, tok, *, decode_steps: int = 32, ato
         raise BundleError(f"{bundle}: onnxruntime cannot load {manifest['graph']['file']} "
                           f"({str(e).splitlines()[0][:200]}); re-run `edgegpt export`") from None
 
-    t0 = time.perf_counter()
-    x = torch.tensor([prompt])
-    past_t, past_o, past_len = None, None, 0
+    past_o, past_len = None, 0
     ids = np.array([prompt], dtype=np.int64)
-    diffs, agree, tokens = [], 0, []
-    for step in range(steps + 1):
-        lt, past_t = model(x, past_t)
-        lt = lt[:, -1].numpy()
+    diffs, agree = [], 0
+    for lt in ref:
         lo, past_o = onnx_step(sess, manifest, ids, past_o, past_len)
         past_len += ids.shape[1]
         diffs.append(float(np.abs(lt - lo).max()))
         tok_t = int(lt.argmax())
         agree += int(lo.argmax()) == tok_t
-        tokens.append(tok_t)
-        x, ids = torch.tensor([[tok_t]]), np.array([[tok_t]], dtype=np.int64)
+        ids = np.array([[tok_t]], dtype=np.int64)
     max_diff = max(diffs)
     result = {
         "prompt_tokens": len(prompt),
-        "decode_steps": steps,
+        "decode_steps": len(ref) - 1,
         "max_abs_logit_diff": max_diff,
         "prefill_max_abs_logit_diff": diffs[0],
         "greedy_agreement": agree / len(diffs),
