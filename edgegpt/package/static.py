@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgegpt import contract
 from edgegpt.errors import PackageError
 from edgegpt.graph.io import load_graph, ort_optimize
+from edgegpt.graph.passes import replace_node
 
 # What the app writes into attention_bias for a hidden key. Finite, so a row with every key hidden (a
 # padding row) softmaxes to uniform instead of NaN; small enough that exp() of a hidden score is exactly 0.
@@ -58,10 +59,8 @@ def _mask_to_bias(model: onnx.ModelProto, kv_type: int) -> int:
         scores = [x for x in node.input[1:] if x not in inits]
         if len(scores) != 1:
             raise PackageError(f"the attention mask's Where node {node.name!r} has no single scores input")
-        idx = list(model.graph.node).index(node)
-        model.graph.node.remove(node)
-        model.graph.node.insert(idx, helper.make_node("Add", [scores[0], contract.ATTENTION_BIAS], list(node.output),
-                                                      name=f"{node.name}/bias"))
+        replace_node(model, node, [helper.make_node("Add", [scores[0], contract.ATTENTION_BIAS], list(node.output),
+                                                    name=f"{node.name}/bias")])
         n += 1
     if not n:
         raise PackageError("no attention-mask Where node found: static graphs need an `edgegpt export --graph "
@@ -133,11 +132,9 @@ def _decompose_layernorm(model: onnx.ModelProto) -> None:
                  helper.make_node("Div", [f"{p}/d", f"{p}/std"], [f"{p}/norm"]),
                  helper.make_node("Mul", [f"{p}/norm", node.input[1]], [f"{p}/scaled"]),
                  helper.make_node("Add", [f"{p}/scaled", node.input[2]], [out])]
-        idx = list(model.graph.node).index(node)
-        model.graph.node.remove(node)
         for k, n in enumerate(nodes):
             n.name = f"{p}/{k}"
-            model.graph.node.insert(idx + k, n)
+        replace_node(model, node, nodes)
 
 
 def _ids_for(model: onnx.ModelProto, accelerator: str) -> None:
@@ -150,11 +147,9 @@ def _ids_for(model: onnx.ModelProto, accelerator: str) -> None:
             col = f"{node.input[1]}/as_indices"
             axes = numpy_helper.from_array(np.array([-1], np.int64), f"{col}/axes")
             model.graph.initializer.append(axes)
-            idx = list(model.graph.node).index(node)
-            model.graph.node.remove(node)
-            model.graph.node.insert(idx, helper.make_node("Unsqueeze", [node.input[1], axes.name], [col]))
-            model.graph.node.insert(idx + 1, helper.make_node("GatherND", [node.input[0], col], list(node.output),
-                                                              name=f"{node.name}/nd"))
+            replace_node(model, node, [helper.make_node("Unsqueeze", [node.input[1], axes.name], [col]),
+                                       helper.make_node("GatherND", [node.input[0], col], list(node.output),
+                                                        name=f"{node.name}/nd")])
     if accelerator == "nnapi":
         for vi in model.graph.input:
             if vi.name in ids:
