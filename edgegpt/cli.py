@@ -328,6 +328,8 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
               help="Also time llama.cpp on this GGUF file (scripts/peers/gguf_from_checkpoint.py). Repeatable.")
 @click.option("--ct2", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Also time CTranslate2 on this converted model (scripts/peers/ct2_from_checkpoint.py). Repeatable.")
+@click.option("--executorch", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Also time ExecuTorch on this .pte (scripts/peers/executorch_from_checkpoint.py). Repeatable.")
 @click.option("--genai", "genai_bundles", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Also time onnxruntime-genai's generator on this bundle (same graph), or on any directory with a "
                    "genai_config.json (scripts/peers/optimum_for_genai.py writes Optimum's). Repeatable.")
@@ -343,7 +345,7 @@ def eval_cmd(bundle, text_path, window, stride, max_tokens, reference):
                    "with lookup, also the peers' own prompt lookup (--gguf, --baseline torch).")
 @friendly_errors
 def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider, warmup, runs, settle, baselines,
-          checkpoint, gguf, ct2, genai_bundles, sweep_context, plot_path, json_path, roofline, hugepages, speculate):
+          checkpoint, gguf, ct2, executorch, genai_bundles, sweep_context, plot_path, json_path, roofline, hugepages, speculate):
     """Time bundles (interleaved) on a workload: TTFT, decode tok/s, RSS, size, load time."""
     from edgegpt.bench import report
     from edgegpt.bench.bench import BenchConfig, resolve_workload, run_bench, thread_counts
@@ -359,8 +361,7 @@ def bench(bundles, workload, prompt_tokens, new_tokens, batch, threads, provider
     cfg = BenchConfig(bundles=list(bundles), workload=w, threads=counts[0] if len(counts) == 1 else counts,
                       provider=provider, warmup=warmup, runs=runs, baselines=tuple(baselines), checkpoint=checkpoint,
                       sweep=sweep, roofline=roofline, gguf=tuple(gguf), ct2=tuple(ct2), settle_s=settle,
-                      genai=tuple(genai_bundles),
-                      hugepages=hugepages, speculate=speculate)
+                      genai=tuple(genai_bundles), executorch=tuple(executorch), hugepages=hugepages, speculate=speculate)
     from tqdm.auto import tqdm
 
     bars = []

@@ -11,9 +11,8 @@ from typing import Callable, Optional
 from edgegpt.bench import report
 from edgegpt.bench.harness import SWEEP_NEW_TOKENS, Result, measure
 from edgegpt.bench.roofline import BandwidthProbe, kv_bytes_per_token, weight_bytes_per_token
-from edgegpt.bench.systems import (CTranslate2, EdgeGPT, GenAI, LlamaCpp, Optimum, System, TorchEager, ct2_precision,
-                                   gguf_precision,
-                                   onnx_precision)
+from edgegpt.bench.engines import CTranslate2, ExecuTorch, LlamaCpp, ct2_precision, gguf_precision, pte_precision
+from edgegpt.bench.systems import EdgeGPT, GenAI, Optimum, System, TorchEager, onnx_precision
 from edgegpt.bench.workloads import WORKLOADS, Workload
 from edgegpt.errors import BenchError, BundleError
 from edgegpt.limits import check_int, check_threads
@@ -40,6 +39,7 @@ class BenchConfig:
     roofline: bool = False
     gguf: tuple[str, ...] = ()  # llama.cpp peers on GGUF files of the same weights
     ct2: tuple[str, ...] = ()  # CTranslate2 peers on models converted from the same checkpoint
+    executorch: tuple[str, ...] = ()  # ExecuTorch peers on .pte programs exported from the same checkpoint
     settle_s: float = 0.25  # idle time before each run (see harness.measure)
     genai: tuple[str, ...] = ()  # onnxruntime-genai's loop on these bundles (same graphs, its generator)
     hugepages: str = "edgegpt"  # whose workers start with glibc's huge pages: edgegpt | all | none
@@ -265,6 +265,14 @@ def _systems(cfg: BenchConfig, manifests: list[dict], labels: list[str], threads
         if path not in precisions:
             precisions[path] = ct2_precision(path)
         systems[-1].precision = precisions[path]
+    for path in cfg.executorch:
+        if not Path(path).is_file():
+            raise BenchError(f"ExecuTorch program {path} does not exist; write one with "
+                             f"scripts/peers/executorch_from_checkpoint.py")
+        if path not in precisions:
+            precisions[path] = pte_precision(path, manifests[0]["architecture"])
+        systems.append(ExecuTorch(path, threads))
+        systems[-1].precision = precisions[path]
     return systems
 
 
@@ -287,6 +295,8 @@ def _size(s: System) -> Optional[int]:
         return Path(s.gguf).stat().st_size
     if isinstance(s, CTranslate2):
         return Path(s.path, "model.bin").stat().st_size
+    if isinstance(s, ExecuTorch):
+        return Path(s.path).stat().st_size
     return None
 
 

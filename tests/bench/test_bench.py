@@ -293,7 +293,8 @@ def test_each_system_knows_its_precision_and_notes_compare_matching_peers(bundle
 
     from edgegpt.bench.harness import Result, RunStats
     from edgegpt.bench.report import peer_notes
-    from edgegpt.bench.systems import EdgeGPT, LlamaCpp, gguf_precision, onnx_precision
+    from edgegpt.bench.engines import LlamaCpp, gguf_precision
+    from edgegpt.bench.systems import EdgeGPT, onnx_precision
 
     # GGUF: general.file_type when gguf-py can read the file, else the name's tag
     assert [gguf_precision(tmp_path / n) for n in ("m-f32.gguf", "m-q8_0.gguf", "m-Q4_K_M.gguf", "m.gguf")] == \
@@ -335,7 +336,7 @@ def test_ctranslate2_peer_on_a_conversion_of_the_same_checkpoint(bundle, hf_chec
     pytest.importorskip("ctranslate2")
     from ctranslate2.converters import TransformersConverter
 
-    from edgegpt.bench.systems import ct2_precision
+    from edgegpt.bench.engines import ct2_precision
 
     out = TransformersConverter(str(hf_checkpoint("distil-like"))).convert(str(tmp_path / "ct2"))
     assert ct2_precision(out) == "fp32"
