@@ -20,16 +20,79 @@ def web_layout(tmp: Path, precision: str) -> dict:
     manifest's package.web section."""
     if precision not in DTYPES:
         raise PackageError(f"transformers.js has no dtype for {precision}; choose one of {', '.join(DTYPES)}")
+    import onnx
+
     dtype, name = DTYPES[precision]
     (tmp / ONNX_DIR).mkdir()
     dst = tmp / ONNX_DIR / name
-    rewritten = standard_embedding(tmp / MODEL_FILE)
-    (tmp / MODEL_FILE).rename(dst)
+    model = onnx.load(str(tmp / MODEL_FILE))
+    embedding, bias = standard_embedding(model), attention_bias(model)
+    onnx.save_model(model, str(dst))
+    (tmp / MODEL_FILE).unlink()
     return {"layout": "transformers.js (Hugging Face Hub)", "dtype": dtype, "model_file": f"{ONNX_DIR}/{name}",
-            "sha256": sha256_file(dst), "bytes": dst.stat().st_size, "embedding_in_standard_ops": rewritten}
+            "sha256": sha256_file(dst), "bytes": dst.stat().st_size, "embedding_in_standard_ops": embedding,
+            "attention_bias": bias}
 
 
-def standard_embedding(path: Path) -> bool:
+def attention_bias(model) -> int:
+    """Each MultiHeadAttention that masks by key_padding_mask and unidirectional=1 gets the same mask as one
+    additive attention_bias (B, 1, S, T) built once from attention_mask; returns how many were rewritten.
+    onnxruntime-web's WebGPU MultiHeadAttention implements neither ("input `key_padding_mask` not implemented for
+    webgpu"; a unidirectional one is refused), its WASM one runs both forms alike. Key j is seen from query i iff
+    attention_mask[b, j] and j - i <= T - S: causal by absolute position, bottom-right aligned, as before."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgegpt import contract
+    from edgegpt.graph.passes import topological_sort
+
+    mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention" and len(n.input) > 4 and n.input[4]]
+    if not mha:
+        return 0
+    # the bias is in the attention's own type: that of its qkv bias weight (fp16 in an fp16 graph whose cache is fp32)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    types.update({i.name: i.type.tensor_type.elem_type for i in model.graph.input})
+    kind = types.get(mha[0].input[3]) or types.get(contract.PAST_KEY.format(0))
+    if kind not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+        raise PackageError("the web package needs float attention: package the fp32 bundle")
+    p, f = "/model/attention_bias", helper.tensor_dtype_to_np_dtype(kind)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(v, t), p + n) for n, v, t in (
+        ("/zero", 0, np.int64), ("/one", 1, np.int64), ("/axis0", [0], np.int64), ("/axis1", [1], np.int64),
+        ("/axes01", [0, 1], np.int64), ("/axes12", [1, 2], np.int64), ("/open", 0, f), ("/closed", -10000, f))])
+    mk = helper.make_node
+    nodes = [mk("Shape", [contract.INPUT_IDS], [p + "/ids_shape"], name=p + "/ShapeIds"),
+             mk("Gather", [p + "/ids_shape", p + "/one"], [p + "/S"], name=p + "/GatherS", axis=0),
+             mk("Shape", [contract.ATTENTION_MASK], [p + "/mask_shape"], name=p + "/ShapeMask"),
+             mk("Gather", [p + "/mask_shape", p + "/one"], [p + "/T"], name=p + "/GatherT", axis=0),
+             mk("Range", [p + "/zero", p + "/S", p + "/one"], [p + "/i"], name=p + "/RangeI"),
+             mk("Range", [p + "/zero", p + "/T", p + "/one"], [p + "/j"], name=p + "/RangeJ"),
+             mk("Unsqueeze", [p + "/i", p + "/axis1"], [p + "/i_col"], name=p + "/UnsqueezeI"),
+             mk("Unsqueeze", [p + "/j", p + "/axis0"], [p + "/j_row"], name=p + "/UnsqueezeJ"),
+             mk("Sub", [p + "/j_row", p + "/i_col"], [p + "/j_minus_i"], name=p + "/SubJI"),
+             mk("Sub", [p + "/T", p + "/S"], [p + "/past"], name=p + "/SubTS"),
+             mk("LessOrEqual", [p + "/j_minus_i", p + "/past"], [p + "/causal"], name=p + "/Causal"),
+             mk("Unsqueeze", [p + "/causal", p + "/axes01"], [p + "/causal4"], name=p + "/UnsqueezeCausal"),
+             mk("Cast", [contract.ATTENTION_MASK], [p + "/kept"], name=p + "/CastMask", to=TensorProto.BOOL),
+             mk("Unsqueeze", [p + "/kept", p + "/axes12"], [p + "/kept4"], name=p + "/UnsqueezeMask"),
+             mk("And", [p + "/causal4", p + "/kept4"], [p + "/seen"], name=p + "/And"),
+             mk("Where", [p + "/seen", p + "/open", p + "/closed"], [p + "/bias"], name=p + "/Where")]
+    model.graph.node.extend(nodes)
+    for n in mha:
+        while len(n.input) < 6:
+            n.input.append("")
+        n.input[4], n.input[5] = "", p + "/bias"
+        kept = [a for a in n.attribute if a.name != "unidirectional"]
+        del n.attribute[:]
+        n.attribute.extend(kept)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    live = [n for n in model.graph.node if any(o in used for o in n.output)]  # drops the old mask's Cast
+    del model.graph.node[:]
+    model.graph.node.extend(live)
+    topological_sort(model)
+    return len(mha)
+
+
+def standard_embedding(model) -> bool:
     """GatherBlockQuantized (8-bit) -> Gather, Cast, Sub, Mul over the same bytes, in place; False if the graph has
     none. onnxruntime-web's WASM backend has no GatherBlockQuantized kernel ("Could not find an implementation");
     the rows come out the same, (q - zero point) * scale, from standard ops every backend runs."""
@@ -39,7 +102,6 @@ def standard_embedding(path: Path) -> bool:
 
     from edgegpt.graph.passes import replace_node
 
-    model = onnx.load(str(path))
     node = next((n for n in model.graph.node if n.op_type == "GatherBlockQuantized"), None)
     if node is None:
         return False
@@ -76,7 +138,6 @@ def standard_embedding(path: Path) -> bool:
                   helper.make_node("Mul", [centered, p + "/sb"], [p + "/rows"], name=p + "/Mul"),
                   helper.make_node("Reshape", [p + "/rows", p + "/rows_shape"], [out], name=p + "/Rows")]
     replace_node(model, node, nodes)
-    onnx.save_model(model, str(path))
     return True
 
 

@@ -44,8 +44,10 @@ def site(transformers_js, tmp_path_factory):
     server.shutdown()
 
 
-@pytest.mark.parametrize("precision", ["int8", "fp32", "int4", "fp16"])
-def test_web_package_generates_in_chromium(site, transformers_js, bundles, precision):
+@pytest.mark.parametrize("precision,device", [("int8", "wasm"), ("fp32", "wasm"), ("int4", "wasm"), ("fp16", "wasm"),
+                                              ("fp32", "webgpu"), ("int4", "webgpu"), ("fp16", "webgpu"),
+                                              ("int8", "webgpu")])
+def test_web_package_generates_in_chromium(site, transformers_js, bundles, precision, device):
     from edgegpt.package.bundle import package_bundle
 
     root, url = site
@@ -55,12 +57,14 @@ def test_web_package_generates_in_chromium(site, transformers_js, bundles, preci
     native = Generator.load(native_for_web(bundles, precision))  # the native runtime on the same graph
     prompt = "The with statement"
     res = subprocess.run(["node", str(transformers_js.parent / "browser.mjs"),
-                          f"{url}/index.html?dtype={m['package']['web']['dtype']}&prompt={prompt}&n=16"],
+                          f"{url}/index.html?dtype={m['package']['web']['dtype']}&prompt={prompt}&n=16&device={device}"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "CHROMIUM": CHROMIUM})
     assert res.returncode == 0, res.stderr[-2000:]
     page = res.stdout.strip().splitlines()[-1]
+    if device == "webgpu" and "does not support fp16" in page:  # SwiftShader, headless Chromium's adapter here
+        pytest.skip("this browser's WebGPU adapter has no shader-f16")
     assert not page.startswith("ERROR"), page[:2000]
     got = json.loads(page)
     assert got["prompt_ids"] == native.encode(prompt)
     assert got["ids"] == native.generate_ids([got["prompt_ids"]], 16, ignore_eos=True)[0]
-    assert got["text"] and got["seconds"] > 0
+    assert got["text"] and got["seconds"] > 0 and got["device"] == device

@@ -35,8 +35,8 @@ def test_web_package_is_the_hub_layout(source, tmp_path, precision):
         assert (out / f).is_file()
     assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
     assert f'dtype: "{dtype}"' in (out / "README.txt").read_text()
-    if precision == "fp32":  # the graph is the source's, unchanged
-        assert w["sha256"] == sha256_file(source / MODEL_FILE)
+    # WebGPU's MultiHeadAttention takes the mask as one additive bias, in every layer
+    assert w["attention_bias"] == read_manifest(source)["architecture"]["n_layer"]
     with pytest.raises(BundleError, match="is a web package .* loads the bundle it was packaged from"):
         read_manifest(out)
 
@@ -95,3 +95,35 @@ def test_a_4bit_embedding_is_refused_for_the_web(source, tmp_path):
     with pytest.raises(PackageError, match="needs an 8-bit or fp32 embedding table"):
         package_bundle(q, "web", tmp_path / "web", precision="int4")
     assert not (tmp_path / "web").exists()
+
+
+def test_web_graph_masks_with_an_attention_bias_and_gives_the_same_logits(source, tmp_path):
+    """onnxruntime-web's WebGPU MultiHeadAttention implements neither key_padding_mask nor unidirectional: the web
+    graph adds one bias built from attention_mask, and a left-padded batch with a past gives the bundle's logits."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from edgegpt import contract
+
+    pkg = package_bundle(source, "web", tmp_path / "web", precision="fp32")
+    graph = onnx.load(str(tmp_path / "web" / pkg["package"]["web"]["model_file"]))
+    mha = [n for n in graph.graph.node if n.op_type == "MultiHeadAttention"]
+    assert mha and all(n.input[4] == "" and n.input[5] for n in mha)
+    assert not any(a.name == "unidirectional" for n in mha for a in n.attribute)
+    a = read_manifest(source)["architecture"]
+    web = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(str(source / MODEL_FILE), providers=["CPUExecutionProvider"])
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], np.int64)
+    feed = {contract.INPUT_IDS: np.array([[0, 0, 5, 9, 2, 7], [4, 8, 15, 16, 23, 42]], np.int64),
+            contract.ATTENTION_MASK: mask, contract.POSITION_IDS: np.clip(mask.cumsum(1) - 1, 0, None)}
+    empty = np.zeros((2, a["n_head"], 0, a["head_dim"]), np.float32)
+    feed.update({n: empty for n in contract.past_names(a["n_layer"])})
+    got, want = web.run(None, feed), ref.run(None, feed)
+    np.testing.assert_allclose(got[0][0, 2:], want[0][0, 2:], rtol=1e-4, atol=1e-4)  # the padded row's real tokens
+    np.testing.assert_allclose(got[0][1], want[0][1], rtol=1e-4, atol=1e-4)
+    step = {contract.INPUT_IDS: np.array([[11], [12]], np.int64),
+            contract.ATTENTION_MASK: np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1),
+            contract.POSITION_IDS: np.array([[4], [6]], np.int64)}
+    step.update(zip(contract.past_names(a["n_layer"]), want[1:]))
+    np.testing.assert_allclose(web.run(None, step)[0], ref.run(None, step)[0], rtol=1e-4, atol=1e-4)
