@@ -49,6 +49,20 @@ def available_memory() -> Optional[int]:
         return None
 
 
+def release_freed() -> None:
+    """Hand memory that Python and onnxruntime have freed back to the system (glibc's malloc_trim; a no-op
+    elsewhere). glibc keeps freed blocks in its arenas, so after a phase that held a whole graph the process
+    stays that large, and the next phase's peak lands on top of it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def check_memory(need_bytes: int, what: str, fix: str) -> None:
     """Refuse work that needs more memory than is available, naming how much and the fix."""
     have = available_memory()

@@ -10,7 +10,7 @@ import numpy as np
 
 from edgegpt import contract
 from edgegpt.errors import QuantizeError
-from edgegpt.runtime.session import ModelSession
+from edgegpt.manifest import read_manifest
 from edgegpt.runtime.text import load_bundle_tokenizer
 
 def calibration_windows(bundle: str | Path, text: str, *, windows: int, window: int,
@@ -28,10 +28,13 @@ def calibration_windows(bundle: str | Path, text: str, *, windows: int, window: 
 
 
 def calibration_feeds(bundle: Path, text: str, *, windows: int, window: int) -> list[dict]:
-    """Prefill feeds for the fp32 ``bundle``'s graph (either KV layout) over calibration windows of ``text``."""
-    sess = ModelSession(bundle)
-    chunks = calibration_windows(bundle, text, windows=windows, window=window, max_context=sess.max_context)
-    empty = sess.empty_past_numpy(1, slots=len(chunks[0]))
+    """Prefill feeds for the fp32 ``bundle``'s graph (either KV layout) over calibration windows of ``text``.
+    The shapes come from its manifest: a session just to read them held GPT-2 small's 0.5 GB of weights twice."""
+    m = read_manifest(bundle)
+    a, options = m["architecture"], m["graph"].get("options", {})
+    chunks = calibration_windows(bundle, text, windows=windows, window=window, max_context=m["max_context"])
+    slots = len(chunks[0]) if options.get("shared_kv_buffer") else 0  # a shared buffer sized to the window
+    empty = np.zeros((1, a["n_head"], slots, a["head_dim"]), np.dtype(contract.kv_dtype(m["io"])))
     return [{contract.INPUT_IDS: c[None], contract.ATTENTION_MASK: np.ones((1, len(c)), np.int64),
              contract.POSITION_IDS: np.arange(len(c), dtype=np.int64)[None],
-             **{n: empty for n in contract.past_names(sess.n_layer)}} for c in chunks]
+             **{n: empty for n in contract.past_names(a["n_layer"])}} for c in chunks]

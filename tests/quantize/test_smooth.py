@@ -83,6 +83,7 @@ def test_int8_with_smoothing_keeps_the_shared_embedding_exact(smoothed, trained_
     out, m = smoothed
     assert m["recipe"]["smooth"] is True and m["recipe"]["smoothing"]["sites"] >= 3
     assert m["recipe"]["embedding_table"] == "shared"
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".onnx") == ["model.onnx"]  # no tapped copy left
     model = onnx.load(str(out / "model.onnx"))
     assert any(n.name.endswith("/Unsmooth") for n in model.graph.node)
     # the embedding rows the bundle reads are the fp32 table's, to int8 precision, not the smoothed head's

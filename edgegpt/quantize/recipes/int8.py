@@ -32,7 +32,9 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from edgegpt.graph.io import write_streamed
     from edgegpt.graph.passes import weight_matmuls
+    from edgegpt.limits import release_freed
     from edgegpt.quantize.heads import finish_head, load_untied, resolve_embedding, store_embedding
 
     embedding = resolve_embedding(opts["embedding"], opts["lm_head"])
@@ -54,18 +56,23 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
         schemes = dict.fromkeys(block_matmuls, 0)
         if head is not None and opts["lm_head"] == "int8":
             schemes[head] = HEAD_BLOCK
-        onnx.save_model(model, str(dst))
-        del model  # smoothing loads its own copy; GPT-2 small's fp32 graph is 0.5 GB
+    # every phase below reads the graph from dst: each holds one copy at a time (GPT-2 small's is 0.5 GB), and
+    # quantize_dynamic given a ModelProto saves and reloads it while the caller's copy stays alive
+    write_streamed(model, dst)
+    del model
+    release_freed()
+    if opts["smooth"]:
         feeds = calibration_feeds(src.parent, calibration_text(calibration), windows=SMOOTH_WINDOWS, window=128)
         info["smoothing"], scales = smooth(dst, feeds, schemes)
         info["smoothing"]["calibration_text"] = "user text" if calibration else "builtin:pydoc (training part)"
-        model = onnx.load(str(dst))
+        release_freed()
     with quiet_preprocess_hint():
-        quantize_dynamic(model, str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=block_matmuls,
+        quantize_dynamic(dst, str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=block_matmuls,
                          per_channel=opts["per_channel"], reduce_range=reduce_range, weight_type=QuantType.QInt8,
                          # DefaultTensorType: onnx's shape inference cannot see through contrib ops
                          # (MultiHeadAttention, GroupQueryAttention) of the fused graph
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+    release_freed()
     finish_head(dst, head, opts["lm_head"], accuracy_level=4)
     table = store_embedding(dst, embedding, opts["lm_head"], scales.get(head))
     return {"embedding": embedding, "embedding_table": table, "reduce_range": reduce_range,
