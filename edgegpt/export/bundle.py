@@ -18,13 +18,17 @@ from edgegpt.atomic import atomic_dir, check_free_space, check_output_dir
 from edgegpt.errors import ExportError, VerificationFailed
 from edgegpt.export.onnx_export import ExportOptions, export_graph
 from edgegpt.export.verify import torch_reference, verify_bundle
-from edgegpt.limits import check_int
+from edgegpt.limits import check_int, check_memory
 from edgegpt.manifest import MODEL_FILE, TOKENIZER_FILE, Draft, read_manifest, seal, verify_files
-from edgegpt.model.checkpoint import checkpoint_hash, config_to_hf, distilled_from, generation_config, load_checkpoint
-from edgegpt.model.gpt import GPTConfig
+from edgegpt.model.checkpoint import (checkpoint_hash, config_to_hf, distilled_from, generation_config, load_checkpoint,
+                                     read_config, weight_files)
+from edgegpt.model.gpt import GPTConfig, parameter_count
 from edgegpt.model.tokenizer import tokenizer_config_files
 
 log = logging.getLogger(__name__)
+# export's peak RSS over the fp32 weights' bytes, measured on GPT-2 small and medium (docs/benchmarks.md, the cost
+# curve; the traced path was measured before export's memory was reworked): what the up-front check asks for
+EXPORT_PEAK_MEMORY = {"fused": 3.3, "traced": 5.6}
 
 
 def architecture(cfg: GPTConfig) -> dict:
@@ -81,6 +85,13 @@ def export_bundle(model_dir: str | Path, out: str | Path, options: ExportOptions
         raise ExportError(f"external_data must be auto, always or never, got {options.external_data!r}")
     check_int(decode_steps, "decode_steps", low=1, high=4096)
     check_output_dir(out, overwrite=overwrite, what="bundle", inputs=(model_dir,))
+    # the fp32 weights: config.json's shape, but never more than twice the weight files (16-bit storage at the
+    # least), so a config that claims more than its files hold meets the weight check below, not this one
+    weights = min(4 * parameter_count(read_config(model_dir)),
+                  2 * sum(f.stat().st_size for f in weight_files(model_dir)))
+    check_memory(int(EXPORT_PEAK_MEMORY.get(options.graph, 5.6) * weights),
+                 f"exporting a {weights / 4e6:,.1f}M parameter model", "close other programs, or export on a machine "
+                 "with more memory")
     model, tok = load_checkpoint(model_dir)
     cfg = model.config
     # the graph holds every fp32 weight once (the traced path stages two more copies inside the output's

@@ -97,6 +97,11 @@ def parameter_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parameter_count(cfg: GPTConfig) -> int:
+    """Parameters of a GPT of this shape (the tied head counted once), without building it."""
+    return sum(math.prod(s) for s in parameter_shapes(cfg).values())
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()

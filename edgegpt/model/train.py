@@ -23,7 +23,7 @@ from edgegpt.errors import ArgumentError, CheckpointError, DataError, OutputExis
 from edgegpt.limits import check_int, check_memory
 from edgegpt.model.checkpoint import load_checkpoint, write_checkpoint_files
 from edgegpt.corpus import BUILTIN_PREFIX, HELD_OUT_FRACTION, read_corpus
-from edgegpt.model.gpt import GPT, GPTConfig, parameter_shapes
+from edgegpt.model.gpt import GPT, GPTConfig, parameter_count
 from edgegpt.model.tokenizer import eos_id, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -140,11 +140,6 @@ class TrainResult:
     seconds: float
     tokens_per_s: float
     n_params: int
-
-
-def _param_count(c: GPTConfig) -> int:
-    """Parameters of a GPT of this shape (the tied head counted once), without building it."""
-    return sum(math.prod(s) for s in parameter_shapes(c).values())
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -291,8 +286,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         teacher_model, teacher_tok = load_checkpoint(check_teacher_dir(cfg.teacher))
     if cfg.init is None and not cfg.resume:
         planned = _planned_config(cfg, teacher_model)
-        params = _param_count(planned) + (teacher_model.num_params() if teacher_model is not None else 0) // 4
-        check_memory(TRAIN_BYTES_PER_PARAM * params, f"training a {_param_count(planned) / 1e6:,.0f}M parameter model",
+        params = parameter_count(planned) + (teacher_model.num_params() if teacher_model is not None else 0) // 4
+        check_memory(TRAIN_BYTES_PER_PARAM * params, f"training a {parameter_count(planned) / 1e6:,.0f}M parameter model",
                      "choose a smaller preset or --n-layer / --n-embd")
     rank, world = _distributed()
     state = _prepare_out(cfg)

@@ -18,7 +18,7 @@ from edgegpt import __version__
 from edgegpt.atomic import atomic_dir, check_output_dir, scratch_dir
 from edgegpt.corpus import calibration_text, default_eval_text
 from edgegpt.errors import DataError, QuantizeError
-from edgegpt.limits import check_int
+from edgegpt.limits import check_int, check_memory
 from edgegpt.manifest import (MODEL_FILE, TOKENIZER_FILE, Draft, bundle_file, bundle_size, read_manifest, seal,
                               verify_files)
 from edgegpt.quantize.measure import io_with_kv, measure
@@ -51,6 +51,8 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
                             f"built-in default)")
     check_int(eval_tokens, "eval_tokens", low=2)
     check_output_dir(out, overwrite=overwrite, what="bundle", inputs=(src,), need_bytes=bundle_size(src))
+    check_memory(int(plan.card.peak_memory * bundle_size(src)), f"quantizing {src} ({bundle_size(src) / 1e9:.2f} GB) "
+                 f"to {mode}", "close other programs, or quantize on a machine with more memory")
     verify_files(src, manifest)
     text = eval_text if eval_text is not None else default_eval_text()
     with atomic_dir(out, replace=overwrite) as tmp, contextlib.ExitStack() as stack:

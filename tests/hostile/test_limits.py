@@ -40,6 +40,23 @@ def test_a_batch_bigger_than_memory_is_refused_before_allocating(gen, monkeypatc
         gen.generate_ids([[1, 2, 3]] * 4096, 4)
 
 
+def test_export_and_quantize_refuse_up_front_what_memory_cannot_hold(hf_checkpoint, tiny_bundle, tmp_path, monkeypatch):
+    """Each needs its measured peak (a multiple of the fp32 weights, export/bundle.py and the recipe cards) free
+    before it starts: one line naming how much, nothing written, instead of an out-of-memory kill halfway."""
+    import edgegpt.limits as limits
+
+    ckpt = hf_checkpoint("small-vocab")
+    monkeypatch.setattr(limits, "available_memory", lambda: 2**10)  # a 1 KB machine: the tiny model needs ~0.3 MB
+    one_line_error(CliRunner().invoke(main, ["export", str(ckpt), "--out", str(tmp_path / "b")]),
+                   "exporting a 0.0M parameter model needs about 0.0 GB of memory")
+    one_line_error(CliRunner().invoke(main, ["quantize", str(tiny_bundle), "--out", str(tmp_path / "q"),
+                                             "--mode", "int8"]), "to int8 needs about 0.0 GB of memory")
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setattr(limits, "available_memory", lambda: 2**40)
+    res = CliRunner().invoke(main, ["export", str(ckpt), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+
+
 def test_bench_numbers_are_bounded(tiny_bundle):
     for flag, value in (("--runs", "1000000"), ("--warmup", "1000"), ("--batch", "100000"), ("--settle", "3600")):
         res = CliRunner().invoke(main, ["bench", str(tiny_bundle), flag, value])

@@ -45,6 +45,9 @@ class RecipeCard:
     int8_kv_cache: str = "never"  # "auto": on by default for shared-KV exports; "allowed": with --kv-cache int8
     calibration: str = "unused"  # "required", "optional" (a default text is used), "unused"
     order: int = 100  # position in --mode's list
+    # peak RSS of `edgegpt quantize` as a multiple of the source bundle's bytes, measured on GPT-2 small and medium
+    # (docs/benchmarks.md, the cost curve): what the up-front memory check asks for
+    peak_memory: float = 7.0
 
     def resolve(self, options: Optional[dict] = None) -> dict:
         """Every option of this recipe, the given ones checked against their choices, the rest defaulted."""

@@ -47,6 +47,7 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
 
 
 CARD = RecipeCard(
+    peak_memory=6.2,  # measured peak RSS over the source bundle's bytes
     name="fp16", order=30, build=build, budget_pct=1.0, targets=("cuda", "ios", "web"), kv_dtype="float16",
     summary="float16 weights and KV cache for GPUs and CoreML (slower than fp32 on a CPU)",
 )

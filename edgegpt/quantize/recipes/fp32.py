@@ -28,6 +28,7 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
 
 
 CARD = RecipeCard(
+    peak_memory=5.3,  # measured peak RSS over the source bundle's bytes
     name="fp32", order=50, build=build, budget_pct=1.0, targets=("cpu", "cuda", "android", "ios", "web"),
     int8_kv_cache="allowed",
     summary="the fp32 weights, with --kv-cache int8 or --lm-head screened",

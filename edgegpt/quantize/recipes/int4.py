@@ -52,6 +52,7 @@ def _gptq(model, head: Optional[str], bundle: Path, opts: dict, calibration: Opt
 
 
 CARD = RecipeCard(
+    peak_memory=5.1,  # measured peak RSS over the source bundle's bytes
     name="int4", order=20, build=build, budget_pct=4.0, targets=("cpu", "cuda", "android", "ios", "web"),
     int8_kv_cache="auto", calibration="optional",
     summary="4-bit weight blocks (MatMulNBits, GPTQ): the smallest, fastest decode on CPUs",

@@ -80,6 +80,7 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
 
 
 CARD = RecipeCard(
+    peak_memory=5.3,  # measured peak RSS over the source bundle's bytes
     name="int8", order=10, build=build, budget_pct=1.0, targets=("cpu", "android", "ios", "web"), int8_kv_cache="auto",
     calibration="optional",
     summary="int8 weights, int8 activations at run time (VNNI): the fastest with the least quality cost on CPUs",

@@ -71,6 +71,7 @@ def _float_logits(model) -> bool:
 
 
 CARD = RecipeCard(
+    peak_memory=7.0,  # measured peak RSS over the source bundle's bytes
     name="int8-static", order=40, build=build, budget_pct=5.0, targets=("android",), calibration="required",
     summary="static (QDQ) int8 calibrated on your text, for NNAPI, QNN and XNNPACK",
     options=(
