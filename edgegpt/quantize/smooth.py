@@ -81,7 +81,8 @@ def find_sites(model: onnx.ModelProto, matmuls: Iterable[str]) -> list[Site]:
     return sites
 
 
-def activation_samples(model_path: Path, tensors: list[str], feeds: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def activation_samples(model_path: Path, tensors: list[str],
+                       feeds: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per tensor: the per-channel max |x| over every calibration row, and about SCORE_ROWS rows to score on.
     The graph with those tensors as extra outputs is written beside ``model_path`` and freed before
     onnxruntime loads it from there: a session built from the serialized bytes held the graph three times

@@ -84,11 +84,13 @@ def export_pte(checkpoint: str, kind: str, out: Path, max_len: int) -> Path:
         ep = module.export(input_ids=torch.zeros((1, 3), dtype=torch.long),
                            cache_position=torch.arange(3, dtype=torch.long),
                            dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}}, strict=True)
+    compile_config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
+    constants = {"get_max_seq_len": max_len, "get_vocab_size": model.config.vocab_size}
     prog = to_edge_transform_and_lower({"forward": ep}, partitioner=[XnnpackPartitioner()],
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-                                       constant_methods={"get_max_seq_len": max_len, "get_vocab_size": model.config.vocab_size})
+                                       compile_config=compile_config, constant_methods=constants)
+    planning = MemoryPlanningPass(alloc_graph_input=False)
     prog = prog.to_executorch(config=ExecutorchBackendConfig(extract_delegate_segments=True,
-                                                             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
+                                                             memory_planning_pass=planning))
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".pte.tmp")  # written whole, then renamed into place
     with os.fdopen(fd, "wb") as f:
