@@ -21,6 +21,12 @@ GGUF_NAME_TAGS = (("f32", "fp32"), ("f16", "fp16"), ("q8_0", "int8"), ("q4_0", "
                   ("q4_k", "int4"))
 
 
+def name_tag_precision(path: str | Path, tags: tuple[tuple[str, str], ...]) -> Optional[str]:
+    """The precision of the first of ``tags`` (tag, precision) that stands as a word of the file's name."""
+    stem = Path(path).stem.lower()
+    return next((prec for tag, prec in tags if re.search(rf"(^|[-_.]){tag}($|[-_.])", stem)), None)
+
+
 def gguf_precision(path: str | Path) -> Optional[str]:
     """The precision of a GGUF file: its general.file_type when gguf-py is installed, else a tag in
     its name (gguf_from_checkpoint.py names files NAME-f32.gguf, NAME-q8_0.gguf, ...)."""
@@ -32,8 +38,7 @@ def gguf_precision(path: str | Path) -> Optional[str]:
             return GGUF_FILE_TYPES.get(int(field.parts[field.data[0]][0]))
     except Exception:  # noqa: BLE001 - gguf-py missing, or a file it cannot read: fall back to the name
         pass
-    stem = Path(path).stem.lower()
-    return next((prec for tag, prec in GGUF_NAME_TAGS if re.search(rf"(^|[-_.]){tag}($|[-_.])", stem)), None)
+    return name_tag_precision(path, GGUF_NAME_TAGS)
 
 
 class LlamaCpp(System):
@@ -153,8 +158,7 @@ def pte_precision(path: str | Path, arch: Optional[dict] = None) -> Optional[str
     int8/int4 recipes quantize only nn.Linear (GPT-2's blocks are Conv1D), which leaves every block fp32. A
     program counts as int8 or int4 only if it is no larger than fp32 embeddings plus every linear layer (an
     untied head included) at 16 bits; otherwise BenchError names the fix."""
-    stem = Path(path).stem.lower()
-    prec = next((p for tag, p in PTE_NAME_TAGS if re.search(rf"(^|[-_.]){tag}($|[-_.])", stem)), None)
+    prec = name_tag_precision(path, PTE_NAME_TAGS)
     if prec in ("int8", "int4") and arch:
         d = arch["n_embd"]
         embeddings = 4 * (arch["vocab_size"] + arch["n_positions"]) * d

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from edgegpt import contract
-from edgegpt.errors import QuantizeError
+from edgegpt.errors import BundleError, QuantizeError
 from edgegpt.manifest import read_manifest
+from edgegpt.runtime.session import NP_DTYPES
 from edgegpt.runtime.text import load_bundle_tokenizer
 
 def calibration_windows(bundle: str | Path, text: str, *, windows: int, window: int,
@@ -34,7 +35,13 @@ def calibration_feeds(bundle: Path, text: str, *, windows: int, window: int) -> 
     a, options = m["architecture"], m["graph"].get("options", {})
     chunks = calibration_windows(bundle, text, windows=windows, window=window, max_context=m["max_context"])
     slots = len(chunks[0]) if options.get("shared_kv_buffer") else 0  # a shared buffer sized to the window
-    empty = np.zeros((1, a["n_head"], slots, a["head_dim"]), np.dtype(contract.kv_dtype(m["io"])))
+    try:
+        kv = NP_DTYPES.get(contract.kv_dtype(m["io"]))
+    except (StopIteration, KeyError, TypeError, AttributeError):  # an io section that is not edgegpt's
+        kv = None
+    if kv is None:
+        raise BundleError(f"{bundle}: edgegpt.json's KV cache dtype is not one edgegpt writes; re-run `edgegpt export`")
+    empty = np.zeros((1, a["n_head"], slots, a["head_dim"]), kv)
     return [{contract.INPUT_IDS: c[None], contract.ATTENTION_MASK: np.ones((1, len(c)), np.int64),
              contract.POSITION_IDS: np.arange(len(c), dtype=np.int64)[None],
              **{n: empty for n in contract.past_names(a["n_layer"])}} for c in chunks]
