@@ -165,3 +165,15 @@ def test_bench_refuses_to_follow_a_manifest_to_a_checkpoint(bundle_copy):
 
     with pytest.raises(BenchError, match="pass --checkpoint DIR .the bundle records"):
         run_bench(BenchConfig([str(bundle_copy)], Workload("t", 4, 2), baselines=("torch",)))
+
+
+@pytest.mark.parametrize("inputs", [[{"name": "past_key_values.0.key", "dtype": "object"}], []])
+def test_calibration_refuses_a_kv_dtype_edgegpt_does_not_write(bundle_copy, tmp_path, inputs):
+    """Calibration reads its feed shapes from the manifest (no session to validate them first)."""
+    from edgegpt.quantize.calibration import calibration_feeds
+
+    m = json.loads((bundle_copy / MANIFEST).read_text())
+    m["io"]["inputs"] = inputs
+    (bundle_copy / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="KV cache dtype is not one edgegpt writes"):
+        calibration_feeds(bundle_copy, "some text " * 200, windows=2, window=32)
