@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from edgegpt.bench.systems import System
+from edgegpt.bench.systems import System, quiet_torch_extensions
 from edgegpt.errors import BenchError
 
 
@@ -184,6 +184,7 @@ class ExecuTorch(System):
         self.label = f"ExecuTorch {Path(path).stem}"
 
     def load(self) -> None:
+        quiet_torch_extensions()
         try:
             import torch
             from executorch.extension.pybindings import portable_lib

@@ -44,6 +44,16 @@ def onnx_precision(directory: str | Path) -> Optional[str]:
     return "fp32"
 
 
+def quiet_torch_extensions() -> None:
+    """Keep torchao's import-time warnings out of a report: where it is installed (executorch brings it),
+    transformers imports it, and it logs a warning for each of its CUDA kernels a CPU machine cannot load, then
+    torch logs one per enum torchao registers. Neither is about the run being measured."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 class System(ABC):
     label: str = ""
     kind: str = ""
@@ -134,6 +144,7 @@ class TorchEager(System):
             self.label = f"{self.label} +prompt_lookup_num_tokens={lookup}"
 
     def load(self) -> None:
+        quiet_torch_extensions()
         try:
             import torch
             from transformers import GPT2LMHeadModel
