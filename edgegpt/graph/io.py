@@ -5,6 +5,7 @@ limit written with external data, shape inference and onnxruntime's basic optimi
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import onnx
@@ -43,6 +44,55 @@ def save_model(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
         match_umask(path.parent / EXTERNAL_DATA_FILE)
     else:
         write_streamed(model, path)
+
+
+def data_file(path: Path) -> Path:
+    """Where ``save_graph`` keeps the weights of the graph at ``path`` once they are too big to go inline."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """The serialized bytes of the initializers (each measured without serializing its raw data)."""
+    return sum(_tensor_size(t) for t in model.graph.initializer)
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """Save a graph whose weights are all in memory to ``path``: inline, streamed (``write_streamed``), or,
+    once they pass EXTERNAL_DATA_THRESHOLD (GPT-2 large's 3.1 GB cannot be one protobuf), in
+    ``data_file(path)`` beside it, and then they also leave ``model`` as they are written (onnx clears each
+    tensor's raw data), so the caller must not read them again. A data file of that name already there is
+    removed first: onnx appends to an existing one, and an inline save would leave it stale."""
+    path = Path(path)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise ValueError("save_graph needs every weight in memory: load the graph with its external data")
+    data = data_file(path)
+    data.unlink(missing_ok=True)
+    if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        match_umask(data)
+    else:
+        write_streamed(model, path)
+
+
+def external_data_name(path: Path) -> str | None:
+    """The manifest's graph.external_data for the graph at ``path``: its data file's name, or None."""
+    return data_file(path).name if data_file(path).is_file() else None
+
+
+def remove_graph(path: Path) -> None:
+    """Delete a graph ``save_graph`` wrote, and its data file if it has one."""
+    Path(path).unlink(missing_ok=True)
+    data_file(path).unlink(missing_ok=True)
+
+
+def copy_graph(src: Path, dst: Path) -> None:
+    """Copy a graph and the data file ``save_graph`` may have written beside it (removing a stale one at dst)."""
+    shutil.copy2(src, dst)
+    data_file(dst).unlink(missing_ok=True)
+    if data_file(src).is_file():
+        shutil.copy2(data_file(src), data_file(dst))
 
 
 def _varint(n: int) -> bytes:

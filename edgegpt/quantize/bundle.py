@@ -75,7 +75,7 @@ def _build(plan: QuantizePlan, src: Path, manifest: dict, tmp: Path, calibration
            scratch) -> tuple[Draft, Optional[Path]]:
     """The new graph and side files in ``tmp``, and its manifest as a Draft; with an int8 KV cache, also a
     scratch folder holding the same weights with the fp32 cache (what measure compares it with)."""
-    from edgegpt.graph.io import shaped_op_counts
+    from edgegpt.graph.io import copy_graph, external_data_name, shaped_op_counts
 
     for name in SIDE_FILES:
         if bundle_file(src, name).is_file():
@@ -88,7 +88,7 @@ def _build(plan: QuantizePlan, src: Path, manifest: dict, tmp: Path, calibration
         from edgegpt.quantize.kvcache import MARGIN, apply_int8_kv, calibrate
 
         weights_only = scratch()
-        shutil.copy2(graph, weights_only / MODEL_FILE)
+        copy_graph(graph, weights_only / MODEL_FILE)
         k_scale, v_scale, seen = calibrate(src, calibration_text(calibration))
         apply_int8_kv(graph, k_scale, v_scale)
         info["kv_cache"] = {"dtype": "int8", "scales": "per head and channel, static", "margin": MARGIN,
@@ -98,7 +98,8 @@ def _build(plan: QuantizePlan, src: Path, manifest: dict, tmp: Path, calibration
     quantize_s = time.perf_counter() - t0
     new = {k: v for k, v in manifest.items() if k not in SOURCE_ONLY}
     new.update(created_by=f"edgegpt {__version__}", precision=plan.card.name, recipe=info,
-               graph=dict(manifest["graph"], file=MODEL_FILE, op_counts=shaped_op_counts(graph)),
+               graph=dict(manifest["graph"], file=MODEL_FILE, external_data=external_data_name(graph),
+                          op_counts=shaped_op_counts(graph)),
                io=io_with_kv(manifest, kv_dtype), targets=list(plan.card.targets),
                source_bundle={"path": str(src.resolve()), "precision": manifest["precision"],
                               "model_sha256": manifest.get("files", {}).get(manifest["graph"]["file"], {}).get("sha256")},
@@ -110,6 +111,7 @@ def _restrict_to_last_position(draft: Draft) -> None:
     """Slice the LM head's input to the last position, in place, checking the greedy tokens stay the same."""
     import onnx
 
+    from edgegpt.graph.io import save_graph
     from edgegpt.graph.passes import slice_last_position
     from edgegpt.runtime import Generator
 
@@ -121,7 +123,7 @@ def _restrict_to_last_position(draft: Draft) -> None:
     model = onnx.load(str(path))
     if not slice_last_position(model):
         raise QuantizeError("--last-logits-only needs a bundle exported with --graph fused")
-    onnx.save_model(model, str(path))
+    save_graph(model, path)
     m = draft.manifest
     m["graph"] = dict(m["graph"], options=dict(m["graph"]["options"], last_logits_only=True))
     m["io"]["outputs"][0]["shape"][1] = 1

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgegpt import contract
 from edgegpt.errors import QuantizeError
 
 MAXQ = 15  # 4-bit codes 0..15
@@ -101,56 +103,46 @@ def pack_matmulnbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
     return b, np.ascontiguousarray(scales.T).reshape(-1), zp.reshape(-1)
 
 
-def hessians(model: onnx.ModelProto, inputs: list[str], feeds: list[dict], *,
-             budget_bytes: int = 640 << 20) -> dict[str, np.ndarray]:
-    """H = 2 X^T X / rows for each named activation over the prefill ``feeds`` (fp32 graph).
-
-    The graph is run with the activations as its only outputs, so onnxruntime prunes the LM head
-    (a third of a GPT-2 small prefill). Hessians accumulate in float32 and are read in groups that fit
-    ``budget_bytes``, one pass over the feeds per group: GPT-2 small's 48 take 535 MB, one pass."""
-    import onnxruntime as ort
-
-    dims = _widths(model, inputs)
+def _groups(inputs: list[str], cost: dict[str, int], budget_bytes: int) -> list[list[str]]:
+    """``inputs`` in order, cut into runs whose summed ``cost`` fits ``budget_bytes`` (one name at least)."""
     groups, cur, size = [], [], 0
     for name in inputs:
-        need = dims[name] ** 2 * 4
-        if cur and size + need > budget_bytes:
+        if cur and size + cost[name] > budget_bytes:
             groups.append(cur)
             cur, size = [], 0
         cur.append(name)
-        size += need
-    if cur:
-        groups.append(cur)
-    out: dict[str, np.ndarray] = {}
-    saved = list(model.graph.output)
+        size += cost[name]
+    return groups + [cur] if cur else groups
+
+
+def hessians(probe: Path, inputs: list[str], dims: dict[str, int], feeds: list[dict]) -> dict[str, np.ndarray]:
+    """H = 2 X^T X / rows for each named activation over the prefill ``feeds``, one pass of the fp32 graph
+    ``probe`` (a file whose weights lie in its data file) with the activations as its only outputs, so
+    onnxruntime prunes the LM head (a third of a GPT-2 small prefill). Accumulated in float32."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(probe), load_external_data=False)
+    del model.graph.output[:]
+    model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in inputs)
+    view = probe.with_name("outputs.onnx")  # the same data file, other outputs
+    onnx.save_model(model, str(view))
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
-    for group in groups:
-        del model.graph.output[:]
-        model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in group)
-        try:  # from a file: a session made from bytes keeps them (another copy of every weight)
-            with tempfile.TemporaryDirectory(prefix="edgegpt-gptq-") as tmp:
-                onnx.save_model(model, f"{tmp}/probe.onnx")
-                sess = ort.InferenceSession(f"{tmp}/probe.onnx", so, providers=["CPUExecutionProvider"])
-        finally:
-            del model.graph.output[:]
-            model.graph.output.extend(saved)
-        acc = {name: np.zeros((dims[name], dims[name]), np.float32) for name in group}
-        rows, pending = 0, {name: [] for name in group}
-        for i, feed in enumerate(feeds):
-            for name, x in zip(group, sess.run(group, feed)):
-                pending[name].append(x.reshape(-1, x.shape[-1]))
-            rows += pending[group[0]][-1].shape[0]
-            if (i + 1) % FEEDS_PER_PRODUCT == 0 or i + 1 == len(feeds):
-                for name in group:  # one tall product: ~7x the GEMM rate of one per window
-                    x = np.concatenate(pending[name])
-                    acc[name] += x.T @ x
-                    pending[name] = []
-        del sess
-        out.update({name: h * np.float32(2.0 / rows) for name, h in acc.items()})
-        del acc
-    return out
+    sess = ort.InferenceSession(str(view), so, providers=["CPUExecutionProvider"])
+    acc = {name: np.zeros((dims[name], dims[name]), np.float32) for name in inputs}
+    rows, pending = 0, {name: [] for name in inputs}
+    for i, feed in enumerate(feeds):
+        for name, x in zip(inputs, sess.run(inputs, feed)):
+            pending[name].append(x.reshape(-1, x.shape[-1]))
+        rows += pending[inputs[0]][-1].shape[0]
+        if (i + 1) % FEEDS_PER_PRODUCT == 0 or i + 1 == len(feeds):
+            for name in inputs:  # one tall product: ~7x the GEMM rate of one per window
+                x = np.concatenate(pending[name])
+                acc[name] += x.T @ x
+                pending[name] = []
+    del sess
+    return {name: h * np.float32(2.0 / rows) for name, h in acc.items()}
 
 
 def _widths(model: onnx.ModelProto, inputs: list[str]) -> dict[str, int]:
@@ -164,40 +156,77 @@ def _widths(model: onnx.ModelProto, inputs: list[str]) -> dict[str, int]:
 
 
 def gptq_model(model: onnx.ModelProto, feeds: list[dict], *, block_size: int, symmetric: bool,
-               accuracy_level: int, exclude: Optional[set[str]] = None) -> int:
+               accuracy_level: int, exclude: Optional[set[str]] = None, budget_bytes: Optional[int] = None) -> int:
     """Replace every MatMul with a constant 2-D weight (except ``exclude``) by a GPTQ-quantized
-    4-bit MatMulNBits, in place. Returns the number of MatMuls replaced."""
+    4-bit MatMulNBits, in place. Returns the number of MatMuls replaced.
+
+    The weights leave memory first, into a scratch file that onnxruntime runs and each weight is read back
+    from one at a time: while the Hessians are computed the process holds the session's copy of the weights,
+    not also the model's (GPT-2 XL: 6.2 GB each). The Hessians are computed for as many activations as
+    ``budget_bytes`` holds (default: half the memory available once the session is built), in graph order,
+    and each group's MatMuls are quantized before the next group's pass: GPT-2 small and large take one pass.
+    The weights still used come back into the model at the end."""
+    from tqdm.auto import tqdm
+
+    from edgegpt.graph.io import weight_bytes
+    from edgegpt.limits import available_memory
+
     inits = {t.name: t for t in model.graph.initializer}
     targets = [n for n in model.graph.node if n.op_type == "MatMul" and n.name not in (exclude or set())
                and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
-    hs = hessians(model, sorted({n.input[0] for n in targets}), feeds)
-    from tqdm.auto import tqdm
-
+    inputs = list(dict.fromkeys(n.input[0] for n in targets))
+    dims = _widths(model, inputs)
+    rows = max((f[contract.INPUT_IDS].size for f in feeds), default=1)
+    # a Hessian, and the activations of FEEDS_PER_PRODUCT windows waiting for their product
+    cost = {name: dims[name] ** 2 * 4 + FEEDS_PER_PRODUCT * rows * dims[name] * 4 for name in inputs}
+    weights = weight_bytes(model)
+    if budget_bytes is None:
+        free = available_memory()
+        budget_bytes = max(640 << 20, ((free or 0) - weights) // 2)
     replaced, uses = {}, Counter(n.input[0] for n in targets)
-    for node in tqdm(targets, desc="gptq", unit="matmul", leave=False, disable=None):
-        w = numpy_helper.to_array(inits[node.input[1]])
-        uses[node.input[0]] -= 1  # free each Hessian after its last MatMul
-        h = hs[node.input[0]] if uses[node.input[0]] else hs.pop(node.input[0])
-        codes, scales, zeros = gptq_matrix(w, h, block_size=block_size, symmetric=symmetric)
-        b, s, z = pack_matmulnbits(codes, scales, zeros, block_size)
-        base = node.input[1]
-        new = [numpy_helper.from_array(b, f"{base}_Q4"), numpy_helper.from_array(s, f"{base}_scales")]
-        ins = [node.input[0], new[0].name, new[1].name]
-        if not symmetric:
-            new.append(numpy_helper.from_array(z, f"{base}_zero_points"))
-            ins.append(new[2].name)
-        model.graph.initializer.extend(new)
-        k, n = w.shape
-        replaced[node.name] = helper.make_node(
-            "MatMulNBits", ins, list(node.output), name=f"{node.name}_Q4", domain="com.microsoft",
-            K=k, N=n, bits=4, block_size=block_size, **({"accuracy_level": accuracy_level} if accuracy_level else {}))
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and node.name in replaced:
-            node.CopyFrom(replaced[node.name])
-    still_used = {i for n in model.graph.node for i in n.input}
-    for i in reversed(range(len(model.graph.initializer))):  # by index: no comparisons of big tensors
-        if model.graph.initializer[i].name not in still_used:
-            del model.graph.initializer[i]
+    with tempfile.TemporaryDirectory(prefix="edgegpt-gptq-") as tmp:
+        probe = Path(tmp) / "probe.onnx"
+        onnx.save_model(model, str(probe), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="probe.onnx.data", size_threshold=1024)  # clears the model's raw data
+        bar = tqdm(total=len(targets), desc="gptq", unit="matmul", leave=False, disable=None)
+        for group in _groups(inputs, cost, budget_bytes):
+            hs = hessians(probe, group, dims, feeds)
+            for node in [n for n in targets if n.input[0] in hs]:
+                w = numpy_helper.to_array(inits[node.input[1]], base_dir=tmp)
+                uses[node.input[0]] -= 1  # free each Hessian after its last MatMul
+                h = hs[node.input[0]] if uses[node.input[0]] else hs.pop(node.input[0])
+                replaced[node.name] = _quantized_node(model, node, w, h, block_size, symmetric, accuracy_level)
+                bar.update()
+            del hs
+        bar.close()
+        for node in model.graph.node:
+            if node.op_type == "MatMul" and node.name in replaced:
+                node.CopyFrom(replaced[node.name])
+        still_used = {i for n in model.graph.node for i in n.input}
+        for i in reversed(range(len(model.graph.initializer))):  # by index: no comparisons of big tensors
+            if model.graph.initializer[i].name not in still_used:
+                del model.graph.initializer[i]
+        onnx.external_data_helper.load_external_data_for_model(model, tmp)
+        for t in model.graph.initializer:  # as if never saved: the same bytes as a model that never left memory
+            t.ClearField("data_location")
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(targets)
+
+
+def _quantized_node(model: onnx.ModelProto, node: onnx.NodeProto, w: np.ndarray, h: np.ndarray, block_size: int,
+                    symmetric: bool, accuracy_level: int) -> onnx.NodeProto:
+    """The MatMulNBits for ``node`` with GPTQ's 4-bit blocks of ``w`` under ``h``; its weights added to ``model``."""
+    codes, scales, zeros = gptq_matrix(w, h, block_size=block_size, symmetric=symmetric)
+    b, s, z = pack_matmulnbits(codes, scales, zeros, block_size)
+    base = node.input[1]
+    new = [numpy_helper.from_array(b, f"{base}_Q4"), numpy_helper.from_array(s, f"{base}_scales")]
+    ins = [node.input[0], new[0].name, new[1].name]
+    if not symmetric:
+        new.append(numpy_helper.from_array(z, f"{base}_zero_points"))
+        ins.append(new[2].name)
+    model.graph.initializer.extend(new)
+    k, n = w.shape
+    return helper.make_node("MatMulNBits", ins, list(node.output), name=f"{node.name}_Q4", domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=block_size,
+                            **({"accuracy_level": accuracy_level} if accuracy_level else {}))

@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgegpt.errors import QuantizeError
-from edgegpt.graph.io import load_graph
+from edgegpt.graph.io import load_graph, save_graph
 from edgegpt.graph.passes import LM_HEAD_WEIGHT_T, embedding_name, replace_node, tie_lm_head, untie_lm_head
 
 # The 8-bit LM head (int8 and int4 recipes, and the screened fp32 head's approximation) in blocks of 128:
@@ -44,7 +44,7 @@ def finish_head(path: Path, head: Optional[str], precision: str, *, accuracy_lev
     model = onnx.load(str(path))
     if precision == "fp32":
         tie_lm_head(model, embedding_name(model))
-        onnx.save_model(model, str(path))
+        save_graph(model, path)
         return
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -54,7 +54,7 @@ def finish_head(path: Path, head: Optional[str], precision: str, *, accuracy_lev
     q = MatMulNBitsQuantizer(model, bits=8, block_size=HEAD_BLOCK, is_symmetric=True,
                              accuracy_level=accuracy_level or None, nodes_to_exclude=others)
     q.process()
-    onnx.save_model(q.model.model, str(path))
+    save_graph(q.model.model, path)
 
 
 def resolve_embedding(embedding: str, lm_head: str) -> str:
@@ -148,7 +148,7 @@ def share_head_table(path: Path, head_scale: Optional[np.ndarray] = None) -> boo
         model.graph.value_info.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, shape)
                                       for t, shape in shapes.items() if t != out)
     replace_node(model, gather, nodes)
-    onnx.save_model(model, str(path))
+    save_graph(model, path)
     return True
 
 
@@ -197,4 +197,4 @@ def quantize_embedding(path: Path, precision: str) -> None:
     replace_node(model, gather, [node])
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.save_model(model, str(path))
+    save_graph(model, path)

@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgegpt import contract
 from edgegpt.errors import QuantizeError
+from edgegpt.graph.io import save_graph
 
 MARGIN = 1.25  # headroom over the calibrated max: prompts unlike the calibration text saturate later
 GQA_K_SCALE, GQA_V_SCALE = 12, 13  # GroupQueryAttention input slots
@@ -89,7 +90,7 @@ def apply_int8_kv(path: str | Path, k_scale: np.ndarray, v_scale: np.ndarray) ->
     for value in list(model.graph.input) + list(model.graph.output):
         if value.name in names:
             value.type.tensor_type.elem_type = TensorProto.INT8
-    onnx.save_model(model, str(path))
+    save_graph(model, path)
     return done
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -75,11 +74,12 @@ def _check_int8_cache(src: Path, draft: Draft, weights_only: Path, text: str, au
     if auto and added > allowance:
         log.warning("the int8 KV cache adds %.2e KL along the decode path, over auto's allowance of %.2e: "
                     "keeping the fp32 cache (--kv-cache int8 forces it)", added, allowance)
-        from edgegpt.graph.io import shaped_op_counts
+        from edgegpt.graph.io import copy_graph, external_data_name, shaped_op_counts
 
-        shutil.copy2(weights_only / MODEL_FILE, draft.path / MODEL_FILE)
+        copy_graph(weights_only / MODEL_FILE, draft.path / MODEL_FILE)
         m["recipe"]["kv_cache"] = {"dtype": "float32", "chosen_by": "auto", "rejected_int8": {**kv, "decode_path": dp}}
-        m.update(io=fp32.manifest["io"], graph=dict(m["graph"], op_counts=shaped_op_counts(draft.path / MODEL_FILE)))
+        m.update(io=fp32.manifest["io"], graph=dict(m["graph"], op_counts=shaped_op_counts(draft.path / MODEL_FILE),
+                                                      external_data=external_data_name(draft.path / MODEL_FILE)))
         m["quality"]["decode_path"] = fp32_dp  # what the bundle as written (fp32 cache) gives
         return
     m["quality"]["decode_path"] = dp

@@ -47,9 +47,6 @@ def plan_quantize(manifest: dict, mode: str, options: Optional[dict] = None, *, 
     if _kv_dtypes(manifest) != {"float32"}:
         raise QuantizeError(f"{name} already keeps a quantized KV cache; quantize the fp32 bundle it came from instead")
     graph = manifest["graph"]
-    if graph.get("external_data"):
-        raise QuantizeError(f"{name} keeps its weights in external data; quantizing > 1.5 GB graphs is not supported "
-                            f"yet")
     if graph.get("options", {}).get("last_logits_only"):
         raise QuantizeError(f"{name} was exported with --last-logits-only; quality is measured by perplexity, which "
                             f"needs every position's logits. Export without --last-logits-only")

@@ -89,7 +89,7 @@ def activation_samples(model_path: Path, tensors: list[str],
     (the ModelProto, its bytes, onnxruntime's copy), 2.7 GB at GPT-2 small's 0.5 GB of weights."""
     import onnxruntime as ort
 
-    from edgegpt.graph.io import write_streamed
+    from edgegpt.graph.io import remove_graph, save_graph
     from edgegpt.limits import release_freed
 
     model = onnx.load(str(model_path))
@@ -98,14 +98,14 @@ def activation_samples(model_path: Path, tensors: list[str],
                               for t in tensors if t not in have)
     taps = Path(model_path).with_name(Path(model_path).stem + ".taps.onnx")
     try:
-        write_streamed(model, taps)
+        save_graph(model, taps)
         del model
         release_freed()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = ort.InferenceSession(str(taps), opts, providers=["CPUExecutionProvider"])
     finally:
-        taps.unlink(missing_ok=True)
+        remove_graph(taps)
     names = [i.name for i in sess.get_inputs()]
     per_feed = max(1, SCORE_ROWS // max(len(feeds), 1))
     peak: dict[str, np.ndarray] = {}
@@ -182,7 +182,7 @@ def smooth(model_path: Path, feeds: list[dict], schemes: dict[str, int], out_pat
     """Migrate activation outliers of every LayerNorm-fed MatMul in ``schemes`` (name -> the int8 kernel it
     will get, as ``fake_output`` takes it) into its weights, in place (or into ``out_path``). Returns
     ({"sites": n, "alphas": {matmul: alpha}} for the manifest, {matmul: the scales its weight rows took})."""
-    from edgegpt.graph.io import write_streamed
+    from edgegpt.graph.io import save_graph
     from edgegpt.limits import release_freed
 
     model = onnx.load(str(model_path))
@@ -214,5 +214,5 @@ def smooth(model_path: Path, feeds: list[dict], schemes: dict[str, int], out_pat
             alphas[mm.name], scales[mm.name] = alpha, s
         put(site.norm.input[1], array(site.norm.input[1]) / s)
         put(site.norm.input[2], array(site.norm.input[2]) / s)
-    write_streamed(model, Path(out_path or model_path))
+    save_graph(model, Path(out_path or model_path))
     return {"sites": len(sites), "alphas": alphas}, scales

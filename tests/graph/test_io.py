@@ -28,3 +28,20 @@ def test_tensors_without_raw_data_and_an_empty_graph(tmp_path):
     for m in (helper.make_model(graph), helper.make_model(helper.make_graph([], "empty", [], []))):
         write_streamed(m, tmp_path / "m.onnx")
         assert onnx.load(str(tmp_path / "m.onnx")) == m
+
+
+def test_save_graph_goes_external_past_the_threshold_and_never_leaves_a_stale_data_file(trained_bundle, tmp_path,
+                                                                                       monkeypatch):
+    import edgegpt.graph.io as gio
+
+    path = tmp_path / "m.onnx"
+    monkeypatch.setattr(gio, "EXTERNAL_DATA_THRESHOLD", 0)
+    for _ in range(2):  # a second save over the first: onnx would append to the data file already there
+        gio.save_graph(onnx.load(str(trained_bundle / "model.onnx")), path)
+        assert gio.external_data_name(path) == "m.onnx.data"
+        assert gio.data_file(path).stat().st_size < (trained_bundle / "model.onnx").stat().st_size
+    assert onnx.load(str(path)).graph.node == onnx.load(str(trained_bundle / "model.onnx")).graph.node
+    monkeypatch.setattr(gio, "EXTERNAL_DATA_THRESHOLD", int(1.5 * 1024**3))
+    model = onnx.load(str(path))
+    gio.save_graph(model, path)  # small enough to go inline again: the old data file must not stay behind
+    assert gio.external_data_name(path) is None and onnx.load(str(path)) == model

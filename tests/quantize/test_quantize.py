@@ -186,3 +186,30 @@ def test_last_logits_only_is_applied_after_measuring_quality(trained_checkpoint,
     assert full["quality"]["perplexity"] == m["quality"]["perplexity"]
     with pytest.raises(QuantizeError, match="last-logits-only"):
         evaluate(tmp_path / "q", default_eval_text())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_graph_with_external_data_quantizes_to_the_same_bundle(quantized, trained_checkpoint, tmp_path, mode,
+                                                                 monkeypatch):
+    """GPT-2 large and XL keep their weights in model.onnx.data. Here a small model exported that way, with the
+    threshold at 0 so every graph quantize writes goes external too: the same quality and tokens as inline."""
+    import edgegpt.graph.io as gio
+    from edgegpt.export.bundle import ExportOptions, export_bundle
+    from edgegpt.manifest import verify_files
+
+    src = tmp_path / "src"
+    export_bundle(trained_checkpoint, src, ExportOptions(external_data="always"))
+    root, inline = quantized
+    monkeypatch.setattr(gio, "EXTERNAL_DATA_THRESHOLD", 0)
+    m = quantize_bundle(src, tmp_path / mode, mode, eval_tokens=EVAL_TOKENS)
+    assert m["graph"]["external_data"] == "model.onnx.data" and "model.onnx.data" in m["files"]
+    assert sorted(p.name for p in (tmp_path / mode).iterdir() if "onnx" in p.name) == ["model.onnx",
+                                                                                      "model.onnx.data"]
+    verify_files(tmp_path / mode)
+    assert m["quality"]["kl_mean"] == pytest.approx(inline[mode]["quality"]["kl_mean"], rel=1e-6)
+    prompt = "The for statement"
+    assert Generator.load(tmp_path / mode).generate(prompt, 12, ignore_eos=True) == \
+        Generator.load(root / mode).generate(prompt, 12, ignore_eos=True)
+    monkeypatch.setattr(gio, "EXTERNAL_DATA_THRESHOLD", int(1.5 * 1024**3))
+    m = quantize_bundle(src, tmp_path / "inline", mode, eval_tokens=EVAL_TOKENS)  # small again: one file
+    assert m["graph"]["external_data"] is None and not (tmp_path / "inline" / "model.onnx.data").exists()

@@ -38,11 +38,9 @@ def convert(model):
 
 
 def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
-    import onnx
+    from edgegpt.graph.io import load_graph, save_graph
 
-    from edgegpt.graph.io import load_graph
-
-    onnx.save_model(convert(load_graph(src)), str(dst))
+    save_graph(convert(load_graph(src)), dst)
     return {"fp32_ops": FP32_OPS, "fp32_io": [contract.LOGITS]}
 
 

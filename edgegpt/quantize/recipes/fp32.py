@@ -5,7 +5,6 @@ recomputed in fp32 (quantize/screen.py): the fp32 bundle's greedy tokens, ~25% f
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -13,17 +12,15 @@ from edgegpt.quantize.recipes.card import Option, RecipeCard
 
 
 def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
-    if opts["lm_head"] == "fp32":
-        shutil.copyfile(src, dst)
-        return {}
-    import onnx
+    from edgegpt.graph.io import load_graph, save_graph
 
-    from edgegpt.graph.io import load_graph
-    from edgegpt.quantize.screen import screen_lm_head
+    model = load_graph(src)  # loaded and saved, not copied: its external data (if any) gets dst's name
+    info = {}
+    if opts["lm_head"] == "screened":
+        from edgegpt.quantize.screen import screen_lm_head
 
-    model = load_graph(src)
-    info = screen_lm_head(model)
-    onnx.save_model(model, str(dst))
+        info = screen_lm_head(model)
+    save_graph(model, dst)
     return info
 
 

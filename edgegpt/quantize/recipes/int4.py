@@ -16,9 +16,9 @@ GPTQ_WINDOWS = 128
 
 
 def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
-    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from edgegpt.graph.io import save_graph
     from edgegpt.quantize.heads import finish_head, load_untied, resolve_embedding, store_embedding
 
     embedding = resolve_embedding(opts["embedding"], opts["lm_head"])
@@ -32,7 +32,8 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
                                  nodes_to_exclude=[] if opts["lm_head"] == "int4" else [head])
         q.process()
         model = q.model.model
-    onnx.save_model(model, str(dst))
+    save_graph(model, dst)
+    del model
     finish_head(dst, head, opts["lm_head"], accuracy_level=opts["accuracy_level"])
     table = store_embedding(dst, embedding, opts["lm_head"])
     return {"embedding": embedding, "embedding_table": table, **info}

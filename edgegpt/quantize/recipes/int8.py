@@ -32,7 +32,7 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from edgegpt.graph.io import write_streamed
+    from edgegpt.graph.io import data_file, remove_graph, save_graph
     from edgegpt.graph.passes import weight_matmuls
     from edgegpt.limits import release_freed
     from edgegpt.quantize.heads import finish_head, load_untied, resolve_embedding, store_embedding
@@ -56,22 +56,29 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
         schemes = dict.fromkeys(block_matmuls, 0)
         if head is not None and opts["lm_head"] == "int8":
             schemes[head] = HEAD_BLOCK
-    # every phase below reads the graph from dst: each holds one copy at a time (GPT-2 small's is 0.5 GB), and
+    # every phase below reads the graph from a file: each holds one copy at a time (GPT-2 small's is 0.5 GB), and
     # quantize_dynamic given a ModelProto saves and reloads it while the caller's copy stays alive
-    write_streamed(model, dst)
+    untied = dst.with_name("untied.onnx")
+    save_graph(model, untied)
     del model
     release_freed()
-    if opts["smooth"]:
-        feeds = calibration_feeds(src.parent, calibration_text(calibration), windows=SMOOTH_WINDOWS, window=128)
-        info["smoothing"], scales = smooth(dst, feeds, schemes)
-        info["smoothing"]["calibration_text"] = "user text" if calibration else "builtin:pydoc (training part)"
-        release_freed()
-    with quiet_preprocess_hint():
-        quantize_dynamic(dst, str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=block_matmuls,
-                         per_channel=opts["per_channel"], reduce_range=reduce_range, weight_type=QuantType.QInt8,
-                         # DefaultTensorType: onnx's shape inference cannot see through contrib ops
-                         # (MultiHeadAttention, GroupQueryAttention) of the fused graph
-                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+    try:
+        if opts["smooth"]:
+            feeds = calibration_feeds(src.parent, calibration_text(calibration), windows=SMOOTH_WINDOWS, window=128)
+            info["smoothing"], scales = smooth(untied, feeds, schemes)
+            info["smoothing"]["calibration_text"] = "user text" if calibration else "builtin:pydoc (training part)"
+            release_freed()
+        with quiet_preprocess_hint():
+            # a graph over 1.5 GB (GPT-2 large and up) keeps external data through quantize_dynamic; finish_head's
+            # save decides again for the smaller int8 graph
+            quantize_dynamic(untied, str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=block_matmuls,
+                             per_channel=opts["per_channel"], reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                             use_external_data_format=data_file(untied).is_file(),
+                             # DefaultTensorType: onnx's shape inference cannot see through contrib ops
+                             # (MultiHeadAttention, GroupQueryAttention) of the fused graph
+                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        remove_graph(untied)
     release_freed()
     finish_head(dst, head, opts["lm_head"], accuracy_level=4)
     table = store_embedding(dst, embedding, opts["lm_head"], scales.get(head))

@@ -14,6 +14,7 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+    from edgegpt.graph.io import data_file, remove_graph, save_graph
     from edgegpt.graph.passes import weight_matmuls
     from edgegpt.quantize.calibration import calibration_feeds
     from edgegpt.quantize.heads import load_untied
@@ -30,19 +31,21 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     model, _ = load_untied(src)
     weights = weight_matmuls(model)
     untied = dst.with_name("untied.onnx")
-    onnx.save_model(model, str(untied))
+    save_graph(model, untied)
+    del model
     try:
         with quiet_preprocess_hint():
             quantize_static(str(untied), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                            use_external_data_format=data_file(untied).is_file(),
                             op_types_to_quantize=["MatMul"], nodes_to_quantize=weights,
                             per_channel=opts["per_channel"], activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8,
                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
-        untied.unlink(missing_ok=True)
+        remove_graph(untied)
     model = onnx.load(str(dst))
     if _float_logits(model):
-        onnx.save_model(model, str(dst))
+        save_graph(model, dst)
     return {"calibration_tokens": sum(f[contract.INPUT_IDS].size for f in feeds), "calibration_windows": len(feeds),
             "quantized_matmuls": len(weights), "format": "QDQ", "activations": "uint8", "weights": "int8",
             "logits": "float"}
