@@ -104,15 +104,23 @@ def pack_matmulnbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
 
 
 def _groups(inputs: list[str], cost: dict[str, int], budget_bytes: int) -> list[list[str]]:
-    """``inputs`` in order, cut into runs whose summed ``cost`` fits ``budget_bytes`` (one name at least)."""
-    groups, cur, size = [], [], 0
-    for name in inputs:
-        if cur and size + cost[name] > budget_bytes:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(name)
-        size += cost[name]
-    return groups + [cur] if cur else groups
+    """``inputs`` in order, cut into the fewest runs whose summed ``cost`` fits ``budget_bytes``, of about equal
+    cost each (a run holds one name at least). Equal runs, not full ones: a run's pass also holds the weights
+    onnxruntime keeps for the layers up to it, so the early runs, which hold fewer, should not hold more."""
+    total = sum(cost[n] for n in inputs)
+    runs = max(1, -(-total // max(budget_bytes, 1)))
+    while True:
+        target, groups, cur, size = total / runs, [], [], 0
+        for name in inputs:
+            if cur and size + cost[name] > target * 1.0001:
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append(name)
+            size += cost[name]
+        groups += [cur] if cur else []
+        if len(groups) <= runs or runs >= len(inputs):
+            return groups
+        runs += 1
 
 
 def hessians(probe: Path, inputs: list[str], dims: dict[str, int], feeds: list[dict]) -> dict[str, np.ndarray]:
@@ -162,10 +170,10 @@ def gptq_model(model: onnx.ModelProto, feeds: list[dict], *, block_size: int, sy
 
     The weights leave memory first, into a scratch file that onnxruntime runs and each weight is read back
     from one at a time: while the Hessians are computed the process holds the session's copy of the weights,
-    not also the model's (GPT-2 XL: 6.2 GB each). The Hessians are computed for as many activations as
-    ``budget_bytes`` holds (default: half the memory available once the session is built), in graph order,
-    and each group's MatMuls are quantized before the next group's pass: GPT-2 small and large take one pass.
-    The weights still used come back into the model at the end."""
+    not also the model's (GPT-2 XL: 6.2 GB each). The Hessians are computed in groups of activations of about
+    equal size, in graph order, each at most ``budget_bytes`` (default: the weights' size, or half the memory
+    left beside them if less, and 640 MB at least); a group's MatMuls are quantized before the next group's
+    pass, whose session holds only the layers up to it. The weights still used come back at the end."""
     from tqdm.auto import tqdm
 
     from edgegpt.graph.io import weight_bytes
@@ -180,9 +188,8 @@ def gptq_model(model: onnx.ModelProto, feeds: list[dict], *, block_size: int, sy
     # a Hessian, and the activations of FEEDS_PER_PRODUCT windows waiting for their product
     cost = {name: dims[name] ** 2 * 4 + FEEDS_PER_PRODUCT * rows * dims[name] * 4 for name in inputs}
     weights = weight_bytes(model)
-    if budget_bytes is None:
-        free = available_memory()
-        budget_bytes = max(640 << 20, ((free or 0) - weights) // 2)
+    if budget_bytes is None:  # GPT-2 small's Hessians take one pass; large's and XL's (1.9x their weights) two
+        budget_bytes = max(640 << 20, min(weights, ((available_memory() or 0) - weights) // 2))
     replaced, uses = {}, Counter(n.input[0] for n in targets)
     with tempfile.TemporaryDirectory(prefix="edgegpt-gptq-") as tmp:
         probe = Path(tmp) / "probe.onnx"

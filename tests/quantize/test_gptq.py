@@ -101,3 +101,26 @@ def test_too_little_calibration_text_is_a_clear_error_and_writes_nothing(trained
     assert not (tmp_path / "q").exists()
     with pytest.raises(QuantizeError, match="algorithm must be one of rtn, gptq"):
         quantize_bundle(trained_bundle, tmp_path / "q", "int4", options={"algorithm": "awq"})
+
+
+def test_hessians_in_many_passes_give_the_same_weights_as_one(trained_bundle):
+    """Large models compute their Hessians a group of layers per pass (memory): a budget that puts every
+    activation in a pass of its own must choose the same 4-bit blocks as a single pass."""
+    from edgegpt.corpus import calibration_text
+    from edgegpt.quantize.calibration import calibration_feeds
+    from edgegpt.quantize.gptq import _groups, gptq_model
+    from edgegpt.quantize.heads import load_untied
+
+    feeds = calibration_feeds(trained_bundle, calibration_text(None), windows=16, window=64)
+    out = []
+    for budget in (1 << 40, 1):
+        model, head = load_untied(trained_bundle / "model.onnx")
+        assert gptq_model(model, feeds, block_size=32, symmetric=False, accuracy_level=4, exclude={head},
+                          budget_bytes=budget) == 2 * 4
+        out.append({t.name: numpy_helper.to_array(t) for t in model.graph.initializer})
+    assert out[0].keys() == out[1].keys() and any(k.endswith("_Q4") for k in out[0])
+    assert all(np.array_equal(out[0][k], out[1][k]) for k in out[0])
+    cost = dict(zip("abcde", (3, 3, 3, 3, 10)))
+    assert _groups(list(cost), cost, 100) == [list("abcde")]
+    assert all(sum(cost[n] for n in g) <= 12 or len(g) == 1 for g in _groups(list(cost), cost, 12))
+    assert _groups(list(cost), cost, 1) == [[n] for n in "abcde"]
