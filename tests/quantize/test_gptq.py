@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgegpt.errors import QuantizeError
 from edgegpt.quantize.bundle import quantize_bundle
 from edgegpt.quantize.gptq import gptq_matrix, pack_matmulnbits
 
@@ -124,3 +125,8 @@ def test_hessians_in_many_passes_give_the_same_weights_as_one(trained_bundle):
     assert _groups(list(cost), cost, 100) == [list("abcde")]
     assert all(sum(cost[n] for n in g) <= 12 or len(g) == 1 for g in _groups(list(cost), cost, 12))
     assert _groups(list(cost), cost, 1) == [[n] for n in "abcde"]
+
+
+def test_a_hessian_that_is_not_positive_definite_is_a_clear_error():
+    with pytest.raises(QuantizeError, match="not positive definite"):
+        gptq_matrix(np.ones((64, 8), np.float32), -np.eye(64, dtype=np.float32), block_size=32)
