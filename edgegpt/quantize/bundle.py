@@ -51,7 +51,7 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
                             f"built-in default)")
     check_int(eval_tokens, "eval_tokens", low=2)
     check_output_dir(out, overwrite=overwrite, what="bundle", inputs=(src,), need_bytes=bundle_size(src))
-    check_memory(int(plan.card.peak_memory * bundle_size(src)), f"quantizing {src} ({bundle_size(src) / 1e9:.2f} GB) "
+    check_memory(plan.card.memory_needed(bundle_size(src)), f"quantizing {src} ({bundle_size(src) / 1e9:.2f} GB) "
                  f"to {mode}", "close other programs, or quantize on a machine with more memory")
     verify_files(src, manifest)
     text = eval_text if eval_text is not None else default_eval_text()

@@ -213,3 +213,14 @@ def test_a_graph_with_external_data_quantizes_to_the_same_bundle(quantized, trai
     monkeypatch.setattr(gio, "EXTERNAL_DATA_THRESHOLD", int(1.5 * 1024**3))
     m = quantize_bundle(src, tmp_path / "inline", mode, eval_tokens=EVAL_TOKENS)  # small again: one file
     assert m["graph"]["external_data"] is None and not (tmp_path / "inline" / "model.onnx.data").exists()
+
+
+def test_the_memory_check_follows_the_measured_line_so_gpt2_xl_int8_fits_24_gb():
+    """Quantize's up-front check asks for the recipe's measured line (a multiple of the source plus a fixed part),
+    not a multiple fitted at the smallest size alone: GPT-2 XL's 6.23 GB fp32 bundle quantizes to int8 on a
+    24 GB machine, and int4 (whose line is an upper bound) and fp32 are still refused there."""
+    from edgegpt.quantize.recipes import fp32, int4, int8
+
+    xl, small = 6.23e9, 0.498e9
+    assert int8.CARD.memory_needed(xl) < 22e9 < int4.CARD.memory_needed(xl) < fp32.CARD.memory_needed(xl)
+    assert 2.4e9 < int8.CARD.memory_needed(small) < 2.8e9  # measured: 2.55 GB

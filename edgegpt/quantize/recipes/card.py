@@ -45,9 +45,15 @@ class RecipeCard:
     int8_kv_cache: str = "never"  # "auto": on by default for shared-KV exports; "allowed": with --kv-cache int8
     calibration: str = "unused"  # "required", "optional" (a default text is used), "unused"
     order: int = 100  # position in --mode's list
-    # peak RSS of `edgegpt quantize` as a multiple of the source bundle's bytes, measured on GPT-2 small and medium
-    # (docs/benchmarks.md, the cost curve): what the up-front memory check asks for
+    # peak RSS of `edgegpt quantize`: peak_memory times the source bundle's bytes plus peak_memory_gb, a line through
+    # the peaks measured at two GPT-2 sizes where there are two, else a multiple of one (docs/benchmarks.md, the
+    # cost curve): what the up-front memory check asks for
     peak_memory: float = 7.0
+    peak_memory_gb: float = 0.0
+
+    def memory_needed(self, source_bytes: int) -> int:
+        """Bytes of memory quantizing a source bundle of ``source_bytes`` is expected to peak at."""
+        return int(self.peak_memory * source_bytes + self.peak_memory_gb * 1e9)
 
     def resolve(self, options: Optional[dict] = None) -> dict:
         """Every option of this recipe, the given ones checked against their choices, the rest defaulted."""
