@@ -217,8 +217,8 @@ def test_a_graph_with_external_data_quantizes_to_the_same_bundle(quantized, trai
 
 def test_the_memory_check_follows_the_measured_line_so_gpt2_xl_int8_fits_24_gb():
     """Quantize's up-front check asks for the recipe's measured line (a multiple of the source plus a fixed part),
-    not a multiple fitted at the smallest size alone: GPT-2 XL's 6.23 GB fp32 bundle quantizes to int8 on a
-    24 GB machine, and int4 (whose line is an upper bound) and fp32 are still refused there."""
+    not a multiple fitted at the smallest size alone: the check admits GPT-2 XL's 6.23 GB fp32 bundle to int8 on
+    a 24 GB machine, and still refuses int4 (whose line is an upper bound) and fp32 there."""
     from edgegpt.quantize.recipes import fp32, int4, int8
 
     xl, small = 6.23e9, 0.498e9
