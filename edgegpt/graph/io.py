@@ -151,6 +151,51 @@ def write_streamed(model: onnx.ModelProto, path: Path) -> None:
             f.write(t.SerializeToString())
 
 
+def read_weight(t: onnx.TensorProto, folder: Path):
+    """An initializer's values as a numpy array; one kept in a data file is read from it without being loaded
+    into ``t``. Under upb (protobuf's Python backend here) the bytes a message is given stay allocated until the
+    whole model is freed, even once cleared or replaced, so a pass that loads weights into a graph to rewrite
+    them holds both copies: read this way, only the graph it builds holds weights."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    folder = Path(folder).resolve()
+    file = (folder / info.get("location", "")).resolve()
+    if folder not in file.parents or not file.is_file():
+        raise BundleError(f"{t.name}: its data file {info.get('location')!r} is not a file inside {folder}; "
+                          f"re-run `edgegpt export`")
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    count = 1
+    for d in t.dims:
+        count *= d
+    values = np.fromfile(file, dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+    if values.size != count:
+        raise BundleError(f"{t.name}: {file.name} ends before its {count} values; re-run `edgegpt export`")
+    return values.reshape(tuple(t.dims))
+
+
+def save_rewritten(model: onnx.ModelProto, folder: Path, dst: Path, rewrite: dict) -> None:
+    """Save ``model`` (loaded with ``load_external_data=False`` from ``folder``) to ``dst`` as ``save_graph``
+    does, with each initializer named in ``rewrite`` replaced by ``rewrite[name](values)`` (a list of
+    TensorProtos), read one at a time (``read_weight``): the fp32 weights are never all in memory beside the
+    new ones."""
+    from onnx import numpy_helper
+
+    out = _without(model, "graph")
+    out.graph.CopyFrom(_without(model.graph, "initializer"))
+    for t in model.graph.initializer:
+        if t.name in rewrite:
+            out.graph.initializer.extend(rewrite[t.name](read_weight(t, folder)))
+        elif t.data_location == onnx.TensorProto.EXTERNAL:
+            out.graph.initializer.append(numpy_helper.from_array(read_weight(t, folder), t.name))
+        else:
+            out.graph.initializer.append(t)
+    save_graph(out, dst)
+
+
 def infer_shapes(path: Path) -> None:
     """onnx shape inference, in place, path-based so models over 2 GB work too."""
     onnx.shape_inference.infer_shapes_path(str(path), str(path))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -89,16 +89,17 @@ def activation_samples(model_path: Path, tensors: list[str],
     (the ModelProto, its bytes, onnxruntime's copy), 2.7 GB at GPT-2 small's 0.5 GB of weights."""
     import onnxruntime as ort
 
-    from edgegpt.graph.io import remove_graph, save_graph
+    from edgegpt.graph.io import load_graph, remove_graph, write_streamed
     from edgegpt.limits import release_freed
 
-    model = onnx.load(str(model_path))
+    # the graph alone: where its weights are in a data file, the taps graph written beside it reads the same file
+    model = load_graph(model_path, load_external_data=False)
     have = {o.name for o in model.graph.output}
     model.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
                               for t in tensors if t not in have)
     taps = Path(model_path).with_name(Path(model_path).stem + ".taps.onnx")
     try:
-        save_graph(model, taps)
+        write_streamed(model, taps)
         del model
         release_freed()
         opts = ort.SessionOptions()
@@ -178,41 +179,48 @@ def choose_scales(x_max: np.ndarray, rows: np.ndarray, weights: list[np.ndarray]
     return best[1], best[2]
 
 
-def smooth(model_path: Path, feeds: list[dict], schemes: dict[str, int], out_path: Optional[Path] = None) -> dict:
-    """Migrate activation outliers of every LayerNorm-fed MatMul in ``schemes`` (name -> the int8 kernel it
-    will get, as ``fake_output`` takes it) into its weights, in place (or into ``out_path``). Returns
-    ({"sites": n, "alphas": {matmul: alpha}} for the manifest, {matmul: the scales its weight rows took})."""
-    from edgegpt.graph.io import save_graph
+def smooth(model_path: Path, feeds: list[dict], schemes: dict[str, int]) -> tuple[dict, dict, dict]:
+    """Choose the migration of every LayerNorm-fed MatMul in ``schemes`` (name -> the int8 kernel it will get,
+    as ``fake_output`` takes it). Returns ({"sites": n, "alphas": {matmul: alpha}} for the manifest,
+    {matmul: the scales its weight rows take}, {initializer: the factor its values are multiplied by}). The
+    graph is not rewritten here: the quantizer applies the factors as it reads each weight
+    (quantize.matmul_int8), and ``apply`` writes a smoothed fp32 graph."""
+    from edgegpt.graph.io import load_graph, read_weight
     from edgegpt.limits import release_freed
 
-    model = onnx.load(str(model_path))
-    tensors = sorted({s.tensor for s in find_sites(model, schemes)})
-    if not tensors:
-        return {"sites": 0, "alphas": {}}, {}
-    del model  # measured without it in memory (activation_samples loads its own), then read again
-    release_freed()
-    stats = activation_samples(model_path, tensors, feeds)
-    model = onnx.load(str(model_path))
+    model = load_graph(model_path, load_external_data=False)  # weights stay on disk where the graph has a data file
     sites = find_sites(model, schemes)
+    if not sites:
+        return {"sites": 0, "alphas": {}}, {}, {}
+    stats = activation_samples(model_path, sorted({s.tensor for s in sites}), feeds)
+    release_freed()
     inits = {t.name: t for t in model.graph.initializer}
 
     def array(name: str) -> np.ndarray:
-        return numpy_helper.to_array(inits[name]).astype(np.float32)
+        return read_weight(inits[name], Path(model_path).parent).astype(np.float32)
 
-    def put(name: str, value: np.ndarray) -> None:
-        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
-
-    alphas, scales = {}, {}
+    alphas, scales, factors = {}, {}, {}
     for site in sites:
-        x_max, rows = stats[site.tensor]
+        x_max, rows = stats.pop(site.tensor)
         weights = [array(mm.input[1]) for mm in site.matmuls]
         if any(w.ndim != 2 or w.shape[0] != x_max.shape[0] for w in weights):
             raise QuantizeError(f"{site.norm.name}: the MatMuls it feeds do not read its channels as rows")
         s, alpha = choose_scales(x_max, rows, weights, schemes[site.matmuls[0].name])
-        for mm, w in zip(site.matmuls, weights):
-            put(mm.input[1], w * s[:, None])
+        del weights
+        for mm in site.matmuls:
+            factors[mm.input[1]] = s[:, None]
             alphas[mm.name], scales[mm.name] = alpha, s
-        put(site.norm.input[1], array(site.norm.input[1]) / s)
-        put(site.norm.input[2], array(site.norm.input[2]) / s)
-    save_graph(model, Path(out_path or model_path))
-    return {"sites": len(sites), "alphas": alphas}, scales
+        factors[site.norm.input[1]] = factors[site.norm.input[2]] = 1.0 / s
+    return {"sites": len(sites), "alphas": alphas}, scales, factors
+
+
+def apply(src: Path, dst: Path, factors: dict[str, np.ndarray]) -> None:
+    """The graph at ``src`` with smoothing's ``factors`` applied (an fp32 graph the same function as before)."""
+    from edgegpt.graph.io import load_graph, save_rewritten
+
+    model = load_graph(src, load_external_data=False)
+
+    def scaled(name: str, factor: np.ndarray):
+        return lambda values: [numpy_helper.from_array((values * factor).astype(np.float32), name)]
+
+    save_rewritten(model, Path(src).parent, dst, {name: scaled(name, f) for name, f in factors.items()})

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgegpt.quantize.smooth import choose_scales, fake_output, find_sites, smooth
+from edgegpt.quantize.smooth import apply, choose_scales, fake_output, find_sites, smooth
 
 C, N = 64, 48
 
@@ -38,7 +38,8 @@ def _run(path, x):
 def test_migration_is_exact_in_fp32_and_moves_the_outliers(tmp_path):
     feeds = _graph(tmp_path / "m.onnx")
     before = _run(tmp_path / "m.onnx", feeds[0]["x"])
-    info, scales = smooth(tmp_path / "m.onnx", feeds, {"mm": 0}, out_path=tmp_path / "s.onnx")
+    info, scales, factors = smooth(tmp_path / "m.onnx", feeds, {"mm": 0})
+    apply(tmp_path / "m.onnx", tmp_path / "s.onnx", factors)
     assert info["sites"] == 1 and info["alphas"]["mm"] > 0
     np.testing.assert_allclose(_run(tmp_path / "s.onnx", feeds[0]["x"]), before, rtol=1e-4, atol=1e-5)
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "s.onnx")).graph.initializer}

@@ -1,6 +1,6 @@
-"""int8: onnxruntime's quantize_dynamic. Per-channel int8 weights of the block MatMuls with int8
-activations quantized at run time (MatMulConstBOnly, so attention's activation x activation MatMuls stay
-fp32); the tied LM head as an 8-bit MatMulNBits whose blocks the embedding also reads, by default. Before
+"""int8: onnxruntime's dynamic int8 MatMuls, written as quantize_dynamic writes them (quantize/matmul_int8.py).
+Per-channel int8 weights of the block MatMuls with int8 activations quantized at run time (weight MatMuls only:
+attention's activation x activation MatMuls stay fp32); the tied LM head as an 8-bit MatMulNBits whose blocks the embedding also reads, by default. Before
 quantizing, activation outliers of the LayerNorm-fed MatMuls (and the head) migrate into their weights
 (quantize/smooth.py): on two trained models, 0.63-0.87x the windowed KL and 0.69-0.72x the decode-path KL
 without it, at no run-time cost."""
@@ -11,7 +11,7 @@ import platform
 from pathlib import Path
 from typing import Optional
 
-from edgegpt.quantize.recipes.card import Option, RecipeCard, quiet_preprocess_hint
+from edgegpt.quantize.recipes.card import Option, RecipeCard
 
 VNNI = {"avx512_vnni", "avx_vnni"}
 SMOOTH_WINDOWS = 32  # calibration windows of 128 tokens that smoothing measures activation ranges on
@@ -29,13 +29,11 @@ def cpu_flags() -> set[str]:
 
 
 def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from edgegpt.graph.io import data_file, remove_graph, save_graph
+    from edgegpt.graph.io import remove_graph, save_graph
     from edgegpt.graph.passes import weight_matmuls
     from edgegpt.limits import release_freed
     from edgegpt.quantize.heads import finish_head, load_untied, resolve_embedding, store_embedding
+    from edgegpt.quantize.matmul_int8 import quantize_matmuls
 
     embedding = resolve_embedding(opts["embedding"], opts["lm_head"])
     flags = cpu_flags()
@@ -56,27 +54,21 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
         schemes = dict.fromkeys(block_matmuls, 0)
         if head is not None and opts["lm_head"] == "int8":
             schemes[head] = HEAD_BLOCK
-    # every phase below reads the graph from a file: each holds one copy at a time (GPT-2 small's is 0.5 GB), and
-    # quantize_dynamic given a ModelProto saves and reloads it while the caller's copy stays alive
+    # the phases below read the graph from a file, one weight at a time where it has a data file (GPT-2 large and
+    # up): smoothing chooses its factors and the quantizer applies them as it reads each weight
     untied = dst.with_name("untied.onnx")
     save_graph(model, untied)
     del model
     release_freed()
+    factors = {}
     try:
         if opts["smooth"]:
             feeds = calibration_feeds(src.parent, calibration_text(calibration), windows=SMOOTH_WINDOWS, window=128)
-            info["smoothing"], scales = smooth(untied, feeds, schemes)
+            info["smoothing"], scales, factors = smooth(untied, feeds, schemes)
             info["smoothing"]["calibration_text"] = "user text" if calibration else "builtin:pydoc (training part)"
+            del feeds
             release_freed()
-        with quiet_preprocess_hint():
-            # a graph over 1.5 GB (GPT-2 large and up) keeps external data through quantize_dynamic; finish_head's
-            # save decides again for the smaller int8 graph
-            quantize_dynamic(untied, str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=block_matmuls,
-                             per_channel=opts["per_channel"], reduce_range=reduce_range, weight_type=QuantType.QInt8,
-                             use_external_data_format=data_file(untied).is_file(),
-                             # DefaultTensorType: onnx's shape inference cannot see through contrib ops
-                             # (MultiHeadAttention, GroupQueryAttention) of the fused graph
-                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_matmuls(untied, dst, block_matmuls, reduce_range=reduce_range, factors=factors)
     finally:
         remove_graph(untied)
     release_freed()
