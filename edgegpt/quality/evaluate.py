@@ -69,22 +69,33 @@ def window_logits(sess: ModelSession, ids: np.ndarray) -> np.ndarray:
 
 
 def evaluate(bundle: str | Path, text: str, *, window: Optional[int] = None, stride: Optional[int] = None,
-             max_tokens: int = 4096, reference: Optional[str | Path] = None, threads: Optional[int] = None) -> EvalResult:
+             max_tokens: int = 4096, reference: Optional[str | Path | SourceRun] = None,
+             threads: Optional[int] = None) -> EvalResult:
+    """Perplexity of ``bundle`` on ``text``; with ``reference`` (a bundle, or a SourceRun of one on the same text
+    and windows), also KL and top-1 agreement against it."""
+    if isinstance(reference, SourceRun):
+        window, stride, max_tokens = reference.result.window, reference.result.stride, reference.max_tokens
     sess = ModelSession(bundle, threads=threads)
     if sess.last_logits_only:
         raise QuantizeError(f"{bundle} was exported with --last-logits-only; perplexity needs every position's logits "
                             f"(export without it)")
     ids = np.asarray(load_bundle_tokenizer(bundle).encode(text).ids[:max_tokens], dtype=np.int64)
+    if isinstance(reference, SourceRun):
+        return score(lambda chunk: window_logits(sess, chunk), ids, window=window, stride=stride,
+                     reference_rows=reference.rows.read)
     ref = ModelSession(reference, threads=threads) if reference else None
     return score(lambda chunk: window_logits(sess, chunk), ids, window=min(window or 256, sess.max_context), stride=stride,
                  reference=(lambda chunk: window_logits(ref, chunk)) if ref is not None else None)
 
 
 def score(logits: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, *, window: int, stride: Optional[int] = None,
-          reference: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> EvalResult:
+          reference: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+          reference_rows: Optional[Callable[[int], np.ndarray]] = None,
+          keep_rows: Optional[Callable[[np.ndarray], None]] = None) -> EvalResult:
     """Perplexity (and KL / top-1 agreement against ``reference``) of any model given as a function
     from a window of token ids to its (tokens, vocab) logits: bundles here, and peers such as
-    llama.cpp in scripts/peers/kl_vs_llama.py, scored on exactly the same windows."""
+    llama.cpp in scripts/peers/kl_vs_llama.py, scored on exactly the same windows. ``reference_rows``
+    instead gives the reference's logits of window k's scored rows, as ``keep_rows`` was given them."""
     stride = stride or window // 2
     if not 0 < stride <= window:
         raise DataError(f"stride must be in (0, window={window}], got {stride}")
@@ -93,21 +104,82 @@ def score(logits: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, *, window
                         f"give a text of at least {window} tokens")
     nll, count, kl, agree = 0.0, 0, 0.0, 0
     spans = _windows(len(ids), window, stride)
-    for start, end, first in spans:
+    compare = reference is not None or reference_rows is not None
+    for k, (start, end, first) in enumerate(spans):
         chunk = ids[start:end]
-        lp = log_softmax(logits(chunk))[first - 1:-1]  # rows predicting targets first..end-1
+        rows = logits(chunk)[first - 1:-1]  # rows predicting targets first..end-1
+        if keep_rows is not None:
+            keep_rows(rows)
+        lp = log_softmax(rows)
         targets = chunk[first:]
         nll -= lp[np.arange(len(targets)), targets].sum()
         count += len(targets)
-        if reference is not None:
-            rp = log_softmax(reference(chunk))[first - 1:-1]
+        if compare:
+            rp = log_softmax(reference(chunk)[first - 1:-1] if reference is not None else reference_rows(k))
             kl += float((np.exp(rp) * (rp - lp)).sum())
             agree += int((rp.argmax(-1) == lp.argmax(-1)).sum())
     res = EvalResult(perplexity=float(np.exp(nll / count)), tokens=count, windows=len(spans), window=window,
                      stride=stride)
-    if reference is not None:
+    if compare:
         res.kl_mean, res.top1_agreement = kl / count, agree / count
     return res
+
+
+class RowFile:
+    """Float32 logit rows written to a file in blocks and read back by block number (not kept in memory)."""
+
+    def __init__(self, path: Path):
+        self.path, self.blocks, self.size = Path(path), [], 0
+        self.path.write_bytes(b"")
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, np.float32)
+        with open(self.path, "ab") as f:
+            f.write(rows.tobytes())
+        self.blocks.append((self.size, rows.shape))
+        self.size += rows.nbytes
+
+    def read(self, k: int) -> np.ndarray:
+        offset, shape = self.blocks[k]
+        return np.fromfile(self.path, np.float32, count=int(np.prod(shape)), offset=offset).reshape(shape)
+
+
+@dataclass
+class SourceRun:
+    """A source bundle run once on its own over a text: its perplexity, its logits on every scored row (in a
+    file), its decode-path log-probabilities and its greedy tokens. Measuring a quantized bundle against this,
+    rather than against the source bundle itself, keeps the two sessions out of memory at the same time (GPT-2
+    XL: its 6.2 GB fp32 session beside the 2.2 GB int8 one)."""
+    bundle: Path
+    max_tokens: int
+    result: EvalResult
+    rows: RowFile
+    decode_ids: list[int]
+    decode_prompt: int
+    decode: np.ndarray
+    greedy: dict[str, list[int]]
+
+
+def run_source(src: str | Path, text: str, folder: Path, *, max_tokens: int = 4096, prompt: int = DECODE_PROMPT,
+               tokens: int = DECODE_TOKENS, new_tokens: int = 16, prompts=AGREEMENT_PROMPTS) -> SourceRun:
+    """``src`` measured once on ``text`` (its rows go to a file in ``folder``), then closed."""
+    from edgegpt.runtime import Generator
+
+    gen = Generator.load(src)
+    sess = gen.session
+    if sess.last_logits_only:
+        raise QuantizeError(f"{src} was exported with --last-logits-only; perplexity needs every position's logits "
+                            f"(export without it)")
+    tok = load_bundle_tokenizer(src)
+    ids = np.asarray(tok.encode(text).ids[:max_tokens], dtype=np.int64)
+    rows = RowFile(Path(folder) / "source-rows.f32")
+    result = score(lambda chunk: window_logits(sess, chunk), ids, window=min(256, sess.max_context), keep_rows=rows.write)
+    path_ids = tok.encode(text).ids[:min(prompt + tokens, sess.max_context)]
+    if len(path_ids) <= prompt + 1:
+        raise DataError(f"the eval text is {len(path_ids)} tokens; the decode-path check needs more than {prompt + 1}")
+    decode = decode_logps(sess, path_ids, prompt)
+    greedy = {p: gen.generate_ids([gen.encode(p)], new_tokens, ignore_eos=True)[0] for p in prompts}
+    return SourceRun(Path(src), max_tokens, result, rows, path_ids, prompt, decode, greedy)
 
 
 def decode_path(bundle: str | Path, reference: str | Path, text: str, *, prompt: int = DECODE_PROMPT,
@@ -119,16 +191,24 @@ def decode_path(bundle: str | Path, reference: str | Path, text: str, *, prompt:
     return decode_paths([bundle], reference, text, prompt=prompt, tokens=tokens)[0]
 
 
-def decode_paths(bundles: list[str | Path], reference: str | Path, text: str, *, prompt: int = DECODE_PROMPT,
-                 tokens: int = DECODE_TOKENS) -> list[dict]:
-    """decode_path for several bundles over the same tokens, running the reference once."""
-    sessions = [ModelSession(b) for b in bundles] + [ModelSession(reference)]
-    limit = min(s.max_context for s in sessions)
-    ids = load_bundle_tokenizer(reference).encode(text).ids[:min(prompt + tokens, limit)]
+def decode_paths(bundles: list[str | Path], reference: str | Path | SourceRun, text: str, *,
+                 prompt: int = DECODE_PROMPT, tokens: int = DECODE_TOKENS) -> list[dict]:
+    """decode_path for several bundles over the same tokens, running the reference once (or not at all, given
+    a SourceRun: its own prompt and tokens, cut to the bundles' context)."""
+    sessions = [ModelSession(b) for b in bundles]
+    if isinstance(reference, SourceRun):
+        limit = min(s.max_context for s in sessions)
+        ids, prompt = reference.decode_ids[:limit], reference.decode_prompt
+        rp = reference.decode[:max(len(ids) - prompt, 0)]
+    else:
+        sessions.append(ModelSession(reference))
+        limit = min(s.max_context for s in sessions)
+        ids = load_bundle_tokenizer(reference).encode(text).ids[:min(prompt + tokens, limit)]
     if len(ids) <= prompt + 1:
         raise DataError(f"the eval text is {len(ids)} tokens; the decode-path check needs more than {prompt + 1}")
     logps = [decode_logps(s, ids, prompt) for s in sessions]
-    rp = logps.pop()
+    if not isinstance(reference, SourceRun):
+        rp = logps.pop()
     return [path_stats(rp, lp, prompt) for lp in logps]
 
 
@@ -151,17 +231,19 @@ def path_stats(ref: np.ndarray, logp: np.ndarray, prompt: int) -> dict:
             "prompt_tokens": prompt, "positions": int(logp.shape[0])}
 
 
-def greedy_agreement(src, dst, new_tokens: int = 16, prompts=AGREEMENT_PROMPTS) -> float:
+def greedy_agreement(src: str | Path | SourceRun, dst, new_tokens: int = 16, prompts=AGREEMENT_PROMPTS) -> float:
     """Share of greedy tokens (free-running, per prompt, up to the first divergence counted as
-    disagreement from there on) that ``dst`` produces identically to ``src``."""
+    disagreement from there on) that ``dst`` produces identically to ``src`` (a bundle, or a SourceRun
+    holding its tokens for these prompts)."""
     from edgegpt.runtime import Generator
     from edgegpt.runtime.generator import common_prefix
 
-    a, b = Generator.load(src), Generator.load(dst)
+    b = Generator.load(dst)
+    a = None if isinstance(src, SourceRun) else Generator.load(src)
     same = total = 0
     for p in prompts:
-        ids = a.encode(p)
-        x = a.generate_ids([ids], new_tokens, ignore_eos=True)[0]
+        ids = b.encode(p)
+        x = src.greedy[p][:new_tokens] if a is None else a.generate_ids([ids], new_tokens, ignore_eos=True)[0]
         y = b.generate_ids([ids], new_tokens, ignore_eos=True)[0]
         same, total = same + common_prefix(x, y), total + len(x)
     return same / total

@@ -59,7 +59,8 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
         draft, weights_only = _build(plan, src, manifest, tmp, calibration,
                                      lambda: stack.enter_context(scratch_dir(out)))
         q = measure(src, draft, text, eval_tokens=eval_tokens, budget_pct=plan.budget_pct,
-                    user_text=eval_text is not None, weights_only=weights_only, kv_auto=plan.kv_auto)
+                    user_text=eval_text is not None, weights_only=weights_only, kv_auto=plan.kv_auto,
+                    scratch=stack.enter_context(scratch_dir(out)))
         if q["ppl_increase_pct"] > plan.budget_pct and not force:
             raise QuantizeError(f"{mode} raises perplexity by {q['ppl_increase_pct']:.2f}% ({q['source_perplexity']:.3f}"
                                 f" -> {q['perplexity']:.3f}), over its budget of {plan.budget_pct}% by "

@@ -16,7 +16,7 @@ from typing import Optional
 
 from edgegpt import contract
 from edgegpt.manifest import MODEL_FILE, Draft
-from edgegpt.quality.evaluate import decode_path, decode_paths, evaluate, greedy_agreement
+from edgegpt.quality.evaluate import SourceRun, decode_path, decode_paths, evaluate, greedy_agreement, run_source
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,16 @@ def io_with_kv(manifest: dict, kv_dtype: str) -> dict:
 
 
 def measure(src: Path, draft: Draft, text: str, *, eval_tokens: int, budget_pct: float, user_text: bool,
-            weights_only: Optional[Path], kv_auto: bool) -> dict:
+            weights_only: Optional[Path], kv_auto: bool, scratch: Path) -> dict:
     """Fill draft.manifest["quality"]; returns it. ``weights_only``: a folder holding the same weights with
-    the fp32 cache, when the draft keeps an int8 one."""
-    ref = evaluate(src, text, max_tokens=eval_tokens)
-    res = evaluate(draft, text, max_tokens=eval_tokens, reference=src)
+    the fp32 cache, when the draft keeps an int8 one. The source runs first, alone, and leaves its logits in
+    ``scratch`` (quality.evaluate.SourceRun): its session and the draft's are never in memory together."""
+    from edgegpt.limits import release_freed
+
+    source = run_source(src, text, scratch, max_tokens=eval_tokens)
+    release_freed()
+    ref = source.result
+    res = evaluate(draft, text, reference=source)
     increase = 100.0 * (res.perplexity / ref.perplexity - 1.0)
     q = draft.manifest["quality"] = {
         "perplexity": round(res.perplexity, 4), "source_perplexity": round(ref.perplexity, 4),
@@ -50,15 +55,15 @@ def measure(src: Path, draft: Draft, text: str, *, eval_tokens: int, budget_pct:
         "eval_text": "user text" if user_text else "builtin:pydoc held-out tail",
     }
     if weights_only is not None:  # strided perplexity prefills an empty cache and never reads the int8 one back
-        _check_int8_cache(src, draft, weights_only, text, kv_auto)
+        _check_int8_cache(source, draft, weights_only, text, kv_auto)
     else:  # what generation sees: a short prompt, then one token a step (int8 activations get one row's scale;
         # a screened head runs its screen, which perplexity's many rows never do)
-        q["decode_path"] = decode_path(draft, src, text)
-    q["greedy_agreement"] = round(greedy_agreement(src, draft), 4)
+        q["decode_path"] = decode_path(draft, source, text)
+    q["greedy_agreement"] = round(greedy_agreement(source, draft), 4)
     return q
 
 
-def _check_int8_cache(src: Path, draft: Draft, weights_only: Path, text: str, auto: bool) -> None:
+def _check_int8_cache(src: SourceRun, draft: Draft, weights_only: Path, text: str, auto: bool) -> None:
     """Measure the draft's int8 cache along the decode path against the same weights with an fp32 cache,
     and record both. With ``auto``, an int8 cache that adds more than its allowance is dropped: the draft
     goes back to the fp32 cache, and its manifest says why."""
