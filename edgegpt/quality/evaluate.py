@@ -72,20 +72,19 @@ def evaluate(bundle: str | Path, text: str, *, window: Optional[int] = None, str
              max_tokens: int = 4096, reference: Optional[str | Path | SourceRun] = None,
              threads: Optional[int] = None) -> EvalResult:
     """Perplexity of ``bundle`` on ``text``; with ``reference`` (a bundle, or a SourceRun of one on the same text
-    and windows), also KL and top-1 agreement against it."""
-    if isinstance(reference, SourceRun):
+    and windows, whose own window, stride and token count are used), also KL and top-1 agreement against it."""
+    stored = isinstance(reference, SourceRun)
+    if stored:
         window, stride, max_tokens = reference.result.window, reference.result.stride, reference.max_tokens
     sess = ModelSession(bundle, threads=threads)
     if sess.last_logits_only:
         raise QuantizeError(f"{bundle} was exported with --last-logits-only; perplexity needs every position's logits "
                             f"(export without it)")
     ids = np.asarray(load_bundle_tokenizer(bundle).encode(text).ids[:max_tokens], dtype=np.int64)
-    if isinstance(reference, SourceRun):
-        return score(lambda chunk: window_logits(sess, chunk), ids, window=window, stride=stride,
-                     reference_rows=reference.rows.read)
-    ref = ModelSession(reference, threads=threads) if reference else None
+    ref = ModelSession(reference, threads=threads) if reference and not stored else None
     return score(lambda chunk: window_logits(sess, chunk), ids, window=min(window or 256, sess.max_context), stride=stride,
-                 reference=(lambda chunk: window_logits(ref, chunk)) if ref is not None else None)
+                 reference=(lambda chunk: window_logits(ref, chunk)) if ref is not None else None,
+                 reference_rows=reference.rows.read if stored else None)
 
 
 def score(logits: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, *, window: int, stride: Optional[int] = None,
@@ -150,7 +149,6 @@ class SourceRun:
     file), its decode-path log-probabilities and its greedy tokens. Measuring a quantized bundle against this,
     rather than against the source bundle itself, keeps the two sessions out of memory at the same time (GPT-2
     XL: its 6.2 GB fp32 session beside the 2.2 GB int8 one)."""
-    bundle: Path
     max_tokens: int
     result: EvalResult
     rows: RowFile
@@ -179,7 +177,7 @@ def run_source(src: str | Path, text: str, folder: Path, *, max_tokens: int = 40
         raise DataError(f"the eval text is {len(path_ids)} tokens; the decode-path check needs more than {prompt + 1}")
     decode = decode_logps(sess, path_ids, prompt)
     greedy = {p: gen.generate_ids([gen.encode(p)], new_tokens, ignore_eos=True)[0] for p in prompts}
-    return SourceRun(Path(src), max_tokens, result, rows, path_ids, prompt, decode, greedy)
+    return SourceRun(max_tokens, result, rows, path_ids, prompt, decode, greedy)
 
 
 def decode_path(bundle: str | Path, reference: str | Path, text: str, *, prompt: int = DECODE_PROMPT,
