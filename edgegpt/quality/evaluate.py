@@ -148,7 +148,7 @@ class SourceRun:
     """A source bundle run once on its own over a text: its perplexity, its logits on every scored row (in a
     file), its decode-path log-probabilities and its greedy tokens. Measuring a quantized bundle against this,
     rather than against the source bundle itself, keeps the two sessions out of memory at the same time (GPT-2
-    XL: its 6.2 GB fp32 session beside the 2.2 GB int8 one)."""
+    XL: its 6.2 GB fp32 session beside the 1.6 GB int8 one)."""
     max_tokens: int
     result: EvalResult
     rows: RowFile

@@ -1,9 +1,9 @@
 """int8: onnxruntime's dynamic int8 MatMuls, written as quantize_dynamic writes them (quantize/matmul_int8.py).
 Per-channel int8 weights of the block MatMuls with int8 activations quantized at run time (weight MatMuls only:
-attention's activation x activation MatMuls stay fp32); the tied LM head as an 8-bit MatMulNBits whose blocks the embedding also reads, by default. Before
-quantizing, activation outliers of the LayerNorm-fed MatMuls (and the head) migrate into their weights
-(quantize/smooth.py): on two trained models, 0.63-0.87x the windowed KL and 0.69-0.72x the decode-path KL
-without it, at no run-time cost."""
+attention's activation x activation MatMuls stay fp32); the tied LM head as an 8-bit MatMulNBits whose blocks
+the embedding also reads, by default. Before quantizing, activation outliers of the LayerNorm-fed MatMuls (and
+the head) migrate into their weights (quantize/smooth.py): on two trained models, 0.63-0.87x the windowed KL and
+0.69-0.72x the decode-path KL without it, at no run-time cost."""
 
 from __future__ import annotations
 
@@ -86,7 +86,6 @@ CARD = RecipeCard(
     calibration="optional",
     summary="int8 weights, int8 activations at run time (VNNI): the fastest with the least quality cost on CPUs",
     options=(
-        Option("per_channel", True, (True, False), cli=False),
         # "auto": 7-bit weights where this machine's int8 kernels saturate; a package for another runtime
         # (onnxruntime-web's WASM kernels) says what that runtime needs
         Option("reduce_range", "auto", ("auto", True, False), cli=False),
