@@ -14,7 +14,6 @@ Hence this implementation; the calibration pass and the graph rewrite use onnxru
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -134,19 +133,23 @@ def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
 
 def hessians(probe: Path, inputs: list[str], dims: dict[str, int], feeds: list[dict]) -> dict[str, np.ndarray]:
     """H = 2 X^T X / rows for each named activation over the prefill ``feeds``, one pass of the fp32 graph
-    ``probe`` (a file whose weights lie in its data file) with the activations as its only outputs, so
+    ``probe`` (its weights inline or in its data file, which the pass's view shares) with the activations as its only outputs, so
     onnxruntime prunes the LM head (a third of a GPT-2 small prefill). Accumulated in float32."""
     import onnxruntime as ort
 
     model = onnx.load(str(probe), load_external_data=False)
     del model.graph.output[:]
     model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in inputs)
-    view = probe.with_name("outputs.onnx")  # the same data file, other outputs
+    view = probe.with_name(probe.stem + ".outputs.onnx")  # the same data file, other outputs
     onnx.save_model(model, str(view))
+    del model
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
-    sess = ort.InferenceSession(str(view), so, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(view), so, providers=["CPUExecutionProvider"])
+    finally:
+        view.unlink()
     acc = {name: np.zeros((dims[name], dims[name]), np.float32) for name in inputs}
     rows, pending = 0, {name: [] for name in inputs}
     for i, feed in enumerate(feeds):
@@ -172,22 +175,34 @@ def _widths(model: onnx.ModelProto, inputs: list[str]) -> dict[str, int]:
     return widths
 
 
-def gptq_model(model: onnx.ModelProto, feeds: list[dict], *, block_size: int, symmetric: bool,
-               accuracy_level: int, exclude: Optional[set[str]] = None, budget_bytes: Optional[int] = None) -> int:
-    """Replace every MatMul with a constant 2-D weight (except ``exclude``) by a GPTQ-quantized
-    4-bit MatMulNBits, in place. Returns the number of MatMuls replaced.
+def _nbytes(t: onnx.TensorProto) -> int:
+    """An initializer's size from its shape and type (its bytes may lie in a data file)."""
+    count = 1
+    for d in t.dims:
+        count *= d
+    return count * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
-    The weights leave memory first, into a scratch file that onnxruntime runs and each weight is read back
-    from one at a time: while the Hessians are computed the process holds the session's copy of the weights,
-    not also the model's (GPT-2 XL: 6.2 GB each). The Hessians are computed in groups of activations of about
-    equal size, in graph order, each at most ``budget_bytes`` (default: the weights' size, or half the memory
-    left beside them if less, and 640 MB at least); a group's MatMuls are quantized before the next group's
-    pass, whose session holds only the layers up to it. The weights still used come back at the end."""
+
+def gptq_file(src: Path, dst: Path, feeds: list[dict], *, block_size: int, symmetric: bool, accuracy_level: int,
+              exclude: Optional[set[str]] = None, budget_bytes: Optional[int] = None) -> int:
+    """The graph at ``src`` with every MatMul of a constant 2-D weight (except ``exclude``) as a GPTQ-quantized
+    4-bit MatMulNBits, written to ``dst``. Returns the number of MatMuls replaced.
+
+    The graph is read without its weights: onnxruntime runs ``src`` to measure the Hessians, each weight is
+    read from the data file when its MatMul is quantized (graph.io.read_weight), and only the 4-bit blocks
+    stay in memory; the fp32 weights still used are copied to ``dst`` one at a time at the end. So the
+    process holds the session's copy of the weights and the Hessians, never also the graph's (GPT-2 XL:
+    6.2 GB each). The Hessians are computed in groups of activations of about equal size, in graph order, each
+    at most ``budget_bytes`` (default: the weights' size, or half the memory left beside them if less, and
+    640 MB at least); a group's MatMuls are quantized before the next group's pass, whose session holds only
+    the layers up to it. ``src``'s folder is scratch space: the pass writes its view of the graph there."""
     from tqdm.auto import tqdm
 
-    from edgegpt.graph.io import weight_bytes
+    from edgegpt.graph.io import load_graph, read_weight, save_rewritten
     from edgegpt.limits import available_memory
 
+    src = Path(src)
+    model = load_graph(src, load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     targets = [n for n in model.graph.node if n.op_type == "MatMul" and n.name not in (exclude or set())
                and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
@@ -196,43 +211,41 @@ def gptq_model(model: onnx.ModelProto, feeds: list[dict], *, block_size: int, sy
     rows = max((f[contract.INPUT_IDS].size for f in feeds), default=1)
     # a Hessian, and the activations of FEEDS_PER_PRODUCT windows waiting for their product
     cost = {name: dims[name] ** 2 * 4 + FEEDS_PER_PRODUCT * rows * dims[name] * 4 for name in inputs}
-    weights = weight_bytes(model)
+    weights = sum(_nbytes(t) for t in model.graph.initializer)
     if budget_bytes is None:  # GPT-2 small's Hessians take one pass; large's and XL's (1.9x their weights) two
         budget_bytes = max(640 << 20, min(weights, ((available_memory() or 0) - weights) // 2))
-    replaced, uses = {}, Counter(n.input[0] for n in targets)
-    with tempfile.TemporaryDirectory(prefix="edgegpt-gptq-") as tmp:
-        probe = Path(tmp) / "probe.onnx"
-        onnx.save_model(model, str(probe), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="probe.onnx.data", size_threshold=1024)  # clears the model's raw data
-        bar = tqdm(total=len(targets), desc="gptq", unit="matmul", leave=False, disable=None)
-        for group in _groups(inputs, cost, budget_bytes):
-            hs = hessians(probe, group, dims, feeds)
-            for node in [n for n in targets if n.input[0] in hs]:
-                w = numpy_helper.to_array(inits[node.input[1]], base_dir=tmp)
-                uses[node.input[0]] -= 1  # free each Hessian after its last MatMul
-                h = hs[node.input[0]] if uses[node.input[0]] else hs.pop(node.input[0])
-                replaced[node.name] = _quantized_node(model, node, w, h, block_size, symmetric, accuracy_level)
-                bar.update()
-            del hs
-        bar.close()
-        for node in model.graph.node:
-            if node.op_type == "MatMul" and node.name in replaced:
-                node.CopyFrom(replaced[node.name])
-        still_used = {i for n in model.graph.node for i in n.input}
-        for i in reversed(range(len(model.graph.initializer))):  # by index: no comparisons of big tensors
-            if model.graph.initializer[i].name not in still_used:
-                del model.graph.initializer[i]
-        onnx.external_data_helper.load_external_data_for_model(model, tmp)
-        for t in model.graph.initializer:  # as if never saved: the same bytes as a model that never left memory
-            t.ClearField("data_location")
+    replaced: dict[str, onnx.NodeProto] = {}
+    blocks: dict[str, list[onnx.TensorProto]] = {}  # weight name -> its 4-bit tensors
+    uses = Counter(n.input[0] for n in targets)
+    bar = tqdm(total=len(targets), desc="gptq", unit="matmul", leave=False, disable=None)
+    for group in _groups(inputs, cost, budget_bytes):
+        hs = hessians(src, group, dims, feeds)
+        for node in [n for n in targets if n.input[0] in hs]:
+            w = read_weight(inits[node.input[1]], src.parent)
+            uses[node.input[0]] -= 1  # free each Hessian after its last MatMul
+            h = hs[node.input[0]] if uses[node.input[0]] else hs.pop(node.input[0])
+            replaced[node.name], new = _quantized_node(node, w, h, block_size, symmetric, accuracy_level)
+            blocks.setdefault(node.input[1], []).extend(new)
+            bar.update()
+        del hs
+    bar.close()
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.name in replaced:
+            node.CopyFrom(replaced[node.name])
+    still_used = {i for n in model.graph.node for i in n.input}
+
+    def rewrite(name: str):  # the 4-bit tensors take the fp32 weight's place, beside it if still read
+        return lambda values: ([numpy_helper.from_array(values, name)] if name in still_used else []) + blocks[name]
+
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    save_rewritten(model, src.parent, dst, {name: rewrite(name) for name in blocks})
     return len(targets)
 
 
-def _quantized_node(model: onnx.ModelProto, node: onnx.NodeProto, w: np.ndarray, h: np.ndarray, block_size: int,
-                    symmetric: bool, accuracy_level: int) -> onnx.NodeProto:
-    """The MatMulNBits for ``node`` with GPTQ's 4-bit blocks of ``w`` under ``h``; its weights added to ``model``."""
+def _quantized_node(node: onnx.NodeProto, w: np.ndarray, h: np.ndarray, block_size: int, symmetric: bool,
+                    accuracy_level: int) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """The MatMulNBits for ``node`` with GPTQ's 4-bit blocks of ``w`` under ``h``, and its weights."""
     codes, scales, zeros = gptq_matrix(w, h, block_size=block_size, symmetric=symmetric)
     b, s, z = pack_matmulnbits(codes, scales, zeros, block_size)
     base = node.input[1]
@@ -241,8 +254,7 @@ def _quantized_node(model: onnx.ModelProto, node: onnx.NodeProto, w: np.ndarray,
     if not symmetric:
         new.append(numpy_helper.from_array(z, f"{base}_zero_points"))
         ins.append(new[2].name)
-    model.graph.initializer.extend(new)
     k, n = w.shape
     return helper.make_node("MatMulNBits", ins, list(node.output), name=f"{node.name}_Q4", domain="com.microsoft",
                             K=k, N=n, bits=4, block_size=block_size,
-                            **({"accuracy_level": accuracy_level} if accuracy_level else {}))
+                            **({"accuracy_level": accuracy_level} if accuracy_level else {})), new

@@ -104,23 +104,39 @@ def test_too_little_calibration_text_is_a_clear_error_and_writes_nothing(trained
         quantize_bundle(trained_bundle, tmp_path / "q", "int4", options={"algorithm": "awq"})
 
 
-def test_hessians_in_many_passes_give_the_same_weights_as_one(trained_bundle):
-    """Large models compute their Hessians a group of layers per pass (memory): a budget that puts every
-    activation in a pass of its own must choose the same 4-bit blocks as a single pass."""
+def test_streamed_gptq_gives_the_same_weights_from_a_data_file_and_in_many_passes(trained_bundle, tmp_path):
+    """Large models' graphs keep their weights in a data file, read one weight at a time, and compute their
+    Hessians a group of layers per pass (memory): from a data file, and with a budget that puts every activation
+    in a pass of its own, GPTQ must choose the same 4-bit blocks as from an inline graph in a single pass, and
+    leave nothing but its output behind."""
     from edgegpt.corpus import calibration_text
+    from edgegpt.graph.io import save_graph, save_model
     from edgegpt.quantize.calibration import calibration_feeds
-    from edgegpt.quantize.gptq import _groups, gptq_model
+    from edgegpt.quantize.gptq import _groups, gptq_file
     from edgegpt.quantize.heads import load_untied
 
     feeds = calibration_feeds(trained_bundle, calibration_text(None), windows=16, window=64)
+    model, head = load_untied(trained_bundle / "model.onnx")
+    (tmp_path / "inline").mkdir()
+    (tmp_path / "external").mkdir()
+    save_graph(model, tmp_path / "inline" / "untied.onnx")
+    save_model(model, tmp_path / "external" / "untied.onnx", external=True)
     out = []
-    for budget in (1 << 40, 1):
-        model, head = load_untied(trained_bundle / "model.onnx")
-        assert gptq_model(model, feeds, block_size=32, symmetric=False, accuracy_level=4, exclude={head},
-                          budget_bytes=budget) == 2 * 4
-        out.append({t.name: numpy_helper.to_array(t) for t in model.graph.initializer})
+    for kind, budget in (("inline", 1 << 40), ("external", 1)):
+        folder = tmp_path / kind
+        assert gptq_file(folder / "untied.onnx", folder / "q.onnx", feeds, block_size=32, symmetric=False,
+                         accuracy_level=4, exclude={head}, budget_bytes=budget) == 2 * 4
+        q = onnx.load(str(folder / "q.onnx"))
+        out.append({t.name: numpy_helper.to_array(t) for t in q.graph.initializer})
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            ["untied.onnx", "q.onnx"] + (["model.onnx.data"] if kind == "external" else []))
+        assert {n.op_type for n in q.graph.node} >= {"MatMulNBits"}
+        assert sum(n.op_type == "MatMul" and n.input[1] in out[-1] for n in q.graph.node) == 1  # the head
     assert out[0].keys() == out[1].keys() and any(k.endswith("_Q4") for k in out[0])
+    assert [k for k in out[0] if k.endswith(".weight_t")] == ["lm_head.weight_t"]  # fp32 weights: the head only
     assert all(np.array_equal(out[0][k], out[1][k]) for k in out[0])
+    session = ort.InferenceSession(str(tmp_path / "external" / "q.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()
     cost = dict(zip("abcde", (3, 3, 3, 3, 10)))
     assert _groups(list(cost), cost, 100) == [list("abcde")]
     assert all(sum(cost[n] for n in g) <= 12 or len(g) == 1 for g in _groups(list(cost), cost, 12))

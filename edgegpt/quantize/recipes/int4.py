@@ -16,38 +16,48 @@ GPTQ_WINDOWS = 128
 
 
 def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from edgegpt.graph.io import save_graph
+    from edgegpt.graph.io import remove_graph, save_graph
+    from edgegpt.limits import release_freed
     from edgegpt.quantize.heads import finish_head, load_untied, resolve_embedding, store_embedding
 
     embedding = resolve_embedding(opts["embedding"], opts["lm_head"])
     model, head = load_untied(src)
     info = {}
     if opts["algorithm"] == "gptq":
-        info = _gptq(model, head, src.parent, opts, calibration)
+        # the untied graph goes to a file and leaves memory: GPTQ reads it from there one weight at a time
+        untied = dst.with_name("untied.onnx")
+        save_graph(model, untied)
+        del model
+        release_freed()
+        try:
+            info = _gptq(untied, head, src.parent, dst, opts, calibration)
+        finally:
+            remove_graph(untied)
     else:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
         q = MatMulNBitsQuantizer(model, bits=4, block_size=opts["block_size"], is_symmetric=opts["symmetric"],
                                  accuracy_level=opts["accuracy_level"] or None,
                                  nodes_to_exclude=[] if opts["lm_head"] == "int4" else [head])
         q.process()
-        model = q.model.model
-    save_graph(model, dst)
-    del model
+        save_graph(q.model.model, dst)
+        del model, q
+    release_freed()
     finish_head(dst, head, opts["lm_head"], accuracy_level=opts["accuracy_level"])
     table = store_embedding(dst, embedding, opts["lm_head"])
     return {"embedding": embedding, "embedding_table": table, **info}
 
 
-def _gptq(model, head: Optional[str], bundle: Path, opts: dict, calibration: Optional[str]) -> dict:
-    """The body's MatMuls (and the head with --lm-head int4) as GPTQ-chosen 4-bit blocks, in place."""
+def _gptq(untied: Path, head: Optional[str], bundle: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
+    """The body's MatMuls (and the head with --lm-head int4) of the graph at ``untied`` as GPTQ-chosen 4-bit
+    blocks, written to ``dst``."""
     from edgegpt.corpus import calibration_text
     from edgegpt.quantize.calibration import calibration_feeds
-    from edgegpt.quantize.gptq import gptq_model
+    from edgegpt.quantize.gptq import gptq_file
 
     feeds = calibration_feeds(bundle, calibration_text(calibration), windows=GPTQ_WINDOWS, window=128)
-    done = gptq_model(model, feeds, block_size=opts["block_size"], symmetric=opts["symmetric"],
-                      accuracy_level=opts["accuracy_level"], exclude=None if opts["lm_head"] == "int4" else {head})
+    done = gptq_file(untied, dst, feeds, block_size=opts["block_size"], symmetric=opts["symmetric"],
+                     accuracy_level=opts["accuracy_level"], exclude=None if opts["lm_head"] == "int4" else {head})
     return {"calibration_tokens": sum(f[contract.INPUT_IDS].size for f in feeds), "gptq_matmuls": done,
             "calibration_text": "user text" if calibration else "builtin:pydoc (training part)"}
 
