@@ -9,11 +9,12 @@ HF GPT-2 stores c_attn / c_proj / c_fc as ``Conv1D`` whose weight is (in, out): 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Callable, Optional
 
 import torch
 
@@ -128,41 +129,100 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir} has no weights ({' or '.join(WEIGHT_FILES)}, or their sharded index)")
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.name.endswith(".safetensors"):
-            from safetensors.torch import load_file
+# safetensors' element types (its format's names) that a GPT-2 checkpoint's weights may be stored in
+SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickles code
-    except Exception as e:  # corrupt file: safetensors / pickle errors vary by version
+
+class _Source:
+    """One stored tensor: its shape and type from the file's header, and how to copy it into a tensor of ours."""
+
+    def __init__(self, shape: tuple, dtype: Optional[torch.dtype], copy_into: Callable[[torch.Tensor, bool], None]):
+        self.shape, self.dtype, self.copy_into = shape, dtype, copy_into
+
+
+def _safetensors_sources(path: Path, f: BinaryIO, scratch: list) -> dict[str, _Source]:
+    """The tensors of a .safetensors file, each read from ``f`` when copied (no mapping of the file).
+
+    safetensors' own loaders map the file, and every page read stays in the process's memory until it is
+    closed, beside the copies made from them (GPT-2 large: 1.9x its weights); they have no read of one tensor
+    into a caller's buffer. So the library checks the header (offsets in bounds, no overlaps, sizes that
+    match the shapes) and the offsets are read here from that same header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt"):
+        pass
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+    base = 8 + n
+    sources = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_FLOATS.get(info["dtype"])
+        start, stop = info["data_offsets"]
+
+        def copy_into(dest: torch.Tensor, transpose: bool, dtype=dtype, shape=tuple(info["shape"]),
+                      start=base + start, size=stop - start) -> None:
+            if not transpose and dtype == dest.dtype:
+                target = dest.view(-1).view(torch.uint8)  # straight into the parameter
+            else:  # through one reused buffer: no freed block per tensor for the allocator to keep
+                if scratch[0].numel() < size:
+                    scratch[0] = torch.empty(size, dtype=torch.uint8)
+                target = scratch[0][:size]
+            f.seek(start)
+            if f.readinto(target.numpy()) != size:
+                raise CheckpointError(f"{path} ends inside a tensor; re-download or re-save it")
+            if target.data_ptr() != dest.data_ptr():
+                stored = target.view(dtype).view(shape)
+                dest.copy_(stored.t() if transpose else stored)
+
+        sources[name] = _Source(tuple(info["shape"]), dtype, copy_into)
+    return sources
+
+
+def _pickle_sources(path: Path) -> dict[str, _Source]:
+    """The tensors of a pytorch_model.bin, mapped from the file where torch can (its zip format)."""
+    try:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)  # never unpickles code
+        except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file: pickle errors vary by version
         msg = str(e).splitlines()[0][:200] if str(e) else ""
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {msg}); re-download or re-save it") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CheckpointError(f"{path} does not hold a state dict of named tensors; re-save it")
-    return state
+    sources = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            sources[name] = _Source((), None, lambda dest, transpose: None)
+            continue
+
+        def copy_into(dest: torch.Tensor, transpose: bool, t=t) -> None:
+            dest.copy_(t.t() if transpose else t)
+
+        sources[name] = _Source(tuple(t.shape), t.dtype if t.is_floating_point() else None, copy_into)
+    return sources
 
 
-def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for path in weight_files(model_dir):
-        part = _read_file(path)
-        twice = state.keys() & part.keys()
-        if twice:
-            raise CheckpointError(f"{path.name} repeats {sorted(twice)[0]} from another shard; re-save the checkpoint")
-        state.update(part)
-    return state
+def _sources(path: Path, stack: contextlib.ExitStack, scratch: list) -> dict[str, _Source]:
+    try:
+        if path.name.endswith(".safetensors"):
+            return _safetensors_sources(path, stack.enter_context(open(path, "rb")), scratch)
+        return _pickle_sources(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a corrupt header: safetensors' and json's errors vary by version
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {msg}); re-download or re-save it") from None
 
 
-def hf_to_edgegpt(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF GPT-2 names/layout -> our module's. Accepts GPT2LMHeadModel and bare GPT2Model keys."""
-    out = {}
-    for key, t in state.items():
-        if key.endswith(IGNORED_SUFFIXES) or key == "lm_head.weight":
-            continue  # the LM head is tied to wte; the causal mask comes from positions
-        name = key if key.startswith("transformer.") else f"transformer.{key}"
-        out[name] = t.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else t
-    return out
+def edgegpt_name(key: str) -> Optional[str]:
+    """HF GPT-2's name of a tensor -> our module's (GPT2LMHeadModel and bare GPT2Model keys); None for the ones
+    we do not load (the tied LM head, the causal-mask buffers old checkpoints carry)."""
+    if key.endswith(IGNORED_SUFFIXES) or key == "lm_head.weight":
+        return None
+    return key if key.startswith("transformer.") else f"transformer.{key}"
 
 
 def edgegpt_to_hf(model: GPT) -> dict[str, torch.Tensor]:
@@ -176,24 +236,45 @@ def edgegpt_to_hf(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def load_model(model_dir: str | Path) -> GPT:
-    """Load a GPT-2 family checkpoint dir into edgegpt's GPT (eval mode, fp32, CPU)."""
+    """Load a GPT-2 family checkpoint dir into edgegpt's GPT (eval mode, fp32, CPU).
+
+    Every tensor's name, type and shape is checked from the files' headers before any weight is read, and each
+    weight is then read straight into the parameter that keeps it (transposed from Conv1D's layout and made fp32
+    on the way): the module is built without memory of its own (the meta device), so the process holds the
+    weights once, not the file's copy beside the model's."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"checkpoint dir {model_dir} does not exist")
     cfg = read_config(model_dir)
-    state = hf_to_edgegpt(_read_state_dict(model_dir))
     expected = parameter_shapes(cfg)  # a config that asks for more than the weights hold allocates nothing
-    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-    if missing or unexpected:
-        detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
-        raise CheckpointError(f"{model_dir}: weights do not match config.json ({detail})")
-    for k, t in state.items():
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise CheckpointError(f"{model_dir}: {k} is not a floating-point tensor")
-        if tuple(t.shape) != expected[k]:
-            raise CheckpointError(f"{model_dir}: {k} has shape {tuple(t.shape)}, config.json implies {expected[k]}")
-    model = GPT(cfg)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    with contextlib.ExitStack() as stack:
+        scratch = [torch.empty(0, dtype=torch.uint8)]
+        found: dict[str, _Source] = {}
+        for path in weight_files(model_dir):
+            for key, src in _sources(path, stack, scratch).items():
+                name = edgegpt_name(key)
+                if name is None:
+                    continue
+                if name in found:
+                    raise CheckpointError(f"{path.name} repeats {key} from another shard; re-save the checkpoint")
+                found[name] = src
+        missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+        if missing or unexpected:
+            detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
+            raise CheckpointError(f"{model_dir}: weights do not match config.json ({detail})")
+        for k, src in found.items():
+            if src.dtype is None:
+                raise CheckpointError(f"{model_dir}: {k} is not a floating-point tensor")
+            shape = src.shape[::-1] if k.endswith(CONV1D_SUFFIXES) and len(src.shape) == 2 else src.shape
+            if shape != expected[k]:
+                raise CheckpointError(f"{model_dir}: {k} has shape {shape}, config.json implies {expected[k]}")
+        with torch.device("meta"):
+            model = GPT(cfg)
+        state = {}
+        for k, src in found.items():
+            state[k] = torch.empty(expected[k], dtype=torch.float32)
+            src.copy_into(state[k], k.endswith(CONV1D_SUFFIXES))
+    model.load_state_dict(state, strict=False, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # keep the tie after loading
     return model.eval()
 

@@ -36,6 +36,13 @@ def test_pytorch_model_bin_and_vocab_merges_are_read(hf_checkpoint, tmp_path):
     torch.save(hf.state_dict(), dst / "pytorch_model.bin")  # includes lm_head.weight and no prefix issue
     model = load_model(dst)
     assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    ids = torch.arange(6).unsqueeze(0)
+    with torch.no_grad():
+        want = load_model(src)(ids)[0]
+        assert torch.equal(model(ids)[0], want)
+        # the pre-1.6 format, which torch cannot map: read whole
+        torch.save(hf.state_dict(), dst / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+        assert torch.equal(load_model(dst)(ids)[0], want)
     tok = load_tokenizer(dst)
     assert tok.encode("lambda x: x").ids == load_tokenizer(src).encode("lambda x: x").ids
 
@@ -105,14 +112,14 @@ def test_parameter_shapes_are_the_modules_own():
         assert parameter_shapes(cfg) == real
 
 
-@pytest.mark.parametrize("layout", ["sharded-safetensors", "sharded-bin", "fp16"])
+@pytest.mark.parametrize("layout", ["sharded-safetensors", "sharded-bin", "fp16", "bf16"])
 def test_hub_layouts_load_with_the_weights_they_hold(hf_checkpoint, tmp_path, layout):
     """Sharded checkpoints (model-00001-of-0000N + index, as save_pretrained writes models over its shard
     size) and fp16-stored weights load into the same model transformers builds from them."""
     src = hf_checkpoint("gpt2-like")
     hf = transformers.GPT2LMHeadModel.from_pretrained(src).eval()
-    if layout == "fp16":
-        hf = hf.half()
+    if layout in ("fp16", "bf16"):
+        hf = hf.to(torch.float16 if layout == "fp16" else torch.bfloat16)
     hf.save_pretrained(tmp_path / "c", max_shard_size="200KB" if layout.startswith("sharded") else "10GB",
                        safe_serialization=layout != "sharded-bin")
     for name in ("tokenizer.json", "tokenizer_config.json"):
