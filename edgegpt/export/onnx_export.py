@@ -14,6 +14,7 @@ embedding, unused opset imports are dropped and shapes are inferred.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import warnings
@@ -145,14 +146,24 @@ def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
 
 
 def _export_fused(model: GPT, dest: Path, options: ExportOptions, external: bool) -> dict:
-    from edgegpt.graph import io as gio, passes as gp
+    from edgegpt.atomic import match_umask
     from edgegpt.export.fused import build_fused
+    from edgegpt.graph import io as gio, passes as gp
     from edgegpt.manifest import MODEL_FILE
 
     shared = options.kv_cache == "shared"
-    m = build_fused(model.eval(), last_logits_only=options.last_logits_only, opset=options.opset, shared_kv=shared)
     out = dest / MODEL_FILE
-    gio.save_model(m, out, external=external)
+    build = functools.partial(build_fused, model.eval(), last_logits_only=options.last_logits_only,
+                              opset=options.opset, shared_kv=shared)
+    if external:  # the weights go to the data file as the graph is built, the graph after them
+        data = dest / gio.EXTERNAL_DATA_FILE
+        with open(data, "wb") as f:
+            m = build(data=f, location=data.name)
+        match_umask(data)
+        gio.write_streamed(m, out)
+    else:
+        m = build()
+        gio.save_model(m, out, external=False)
     return {
         "file": MODEL_FILE,
         "external_data": gio.EXTERNAL_DATA_FILE if external else None,

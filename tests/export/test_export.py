@@ -148,6 +148,24 @@ def test_external_data_keeps_weights_beside_the_graph(hf_checkpoint, tmp_path):
     mode = lambda name: (tmp_path / "b" / name).stat().st_mode & 0o777  # noqa: E731
     assert mode("model.onnx.data") == mode("model.onnx")
     assert (tmp_path / "b" / "model.onnx").stat().st_size < 100_000 and m["verification"]["passed"]
+    # the weights went to the file as the graph was built: the same tensors as an inline export's, each at a
+    # page-aligned offset (onnxruntime maps them), and the same logits
+    export_bundle(hf_checkpoint("small-vocab"), tmp_path / "inline", ExportOptions(external_data="never"))
+    import onnx
+    from onnx import numpy_helper
+
+    inline, ext = (onnx.load(str(tmp_path / b / "model.onnx")) for b in ("inline", "b"))
+    assert [t.name for t in ext.graph.initializer] == [t.name for t in inline.graph.initializer]
+    assert all(np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+               for a, b in zip(inline.graph.initializer, ext.graph.initializer))
+    offsets = [int({e.key: e.value for e in t.external_data}["offset"])
+               for t in onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False).graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(offsets) >= 4 and all(o % 4096 == 0 for o in offsets)
+    model, _ = load_checkpoint(hf_checkpoint("small-vocab"))
+    ids = np.arange(1, 8, dtype=np.int64)[None]
+    feed = _feed(model.config, ids, np.ones_like(ids), np.arange(7)[None])
+    assert np.array_equal(_session(tmp_path / "b").run(None, feed)[0], _session(tmp_path / "inline").run(None, feed)[0])
 
 
 def test_too_big_for_protobuf_without_external_data_is_refused(hf_checkpoint, tmp_path, monkeypatch):
