@@ -17,9 +17,13 @@ FP32_OPS = ["LayerNormalization", "Softmax"]
 
 
 def convert(model):
-    """The fp16 graph of an fp32 model (also used by package for its static graphs)."""
+    """The fp16 graph of an fp32 model (also used by package for its static graphs). A weight kept in a data file
+    (a graph loaded with load_external_data=False) is only retyped: its bytes are still fp32 (``build``)."""
+    from unittest import mock
+
+    from onnx import helper
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers import float16
 
     from edgegpt.graph.passes import topological_sort, unique_node_names
 
@@ -30,17 +34,39 @@ def convert(model):
         model = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
     except Exception as e:  # noqa: BLE001 - the converter still works on graphs it can type itself
         log.debug("symbolic shape inference failed (%s); converting without it", e)
-    # logits stay fp32 (sampling and perplexity want them); the KV cache goes fp16.
-    model = convert_float_to_float16(model, keep_io_types=[contract.LOGITS], op_block_list=FP32_OPS)
+    # logits stay fp32 (sampling and perplexity want them); the KV cache goes fp16. The converter reads each
+    # converted weight's values only to learn its shape (make_value_info_from_tensor), which a weight in a data
+    # file does not have in memory: its shape is its dims.
+    by_dims = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))  # noqa: E731
+    with mock.patch.object(float16, "make_value_info_from_tensor", by_dims):
+        model = float16.convert_float_to_float16(model, keep_io_types=[contract.LOGITS], op_block_list=FP32_OPS)
     unique_node_names(model)
     topological_sort(model)
     return model
 
 
 def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
-    from edgegpt.graph.io import load_graph, save_graph
+    """The graph is converted without its weights; then each fp32 weight the converter retyped is read from the
+    data file, converted by the converter's own tensor conversion and written, one at a time (graph.io.
+    save_rewritten): the fp32 weights are never all in memory (the converter converts a loaded graph in place,
+    which holds the fp32 bytes and the fp16 ones at once)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.transformers.float16 import convert_tensor_float_to_float16
 
-    save_graph(convert(load_graph(src)), dst)
+    from edgegpt.graph.io import load_graph, save_rewritten
+
+    model = load_graph(src, load_external_data=False)
+    stored = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    model = convert(model)
+    halves = [t for t in model.graph.initializer if t.name in stored and t.data_type == onnx.TensorProto.FLOAT16]
+    for t in halves:
+        t.data_type = onnx.TensorProto.FLOAT  # what its bytes in the data file are, until rewritten
+
+    def half(name: str):
+        return lambda values: [convert_tensor_float_to_float16(numpy_helper.from_array(values, name))]
+
+    save_rewritten(model, src.parent, dst, {t.name: half(t.name) for t in halves})
     return {"fp32_ops": FP32_OPS, "fp32_io": [contract.LOGITS]}
 
 

@@ -1,0 +1,34 @@
+"""The fp16 recipe converts a graph whose weights lie in a data file one weight at a time, to exactly what
+onnxruntime's float16 converter makes of the same graph in memory."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from edgegpt.graph.io import load_graph, save_model
+from edgegpt.quantize.recipes.fp16 import build, convert
+
+
+def test_a_graph_in_a_data_file_converts_to_what_the_converter_makes_in_memory(trained_bundle, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    save_model(load_graph(trained_bundle / "model.onnx"), tmp_path / "src" / "model.onnx", external=True)
+    build(tmp_path / "src" / "model.onnx", tmp_path / "out" / "model.onnx", {}, None)
+    want = convert(load_graph(trained_bundle / "model.onnx"))
+    got = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in got.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in want.graph.node]
+    assert [(t.name, t.data_type) for t in got.graph.initializer] == [(t.name, t.data_type) for t in want.graph.initializer]
+    halves = [t for t in want.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert len(halves) > 4
+    for a, b in zip(got.graph.initializer, want.graph.initializer):
+        assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b)), a.name
+    assert not (tmp_path / "out" / "model.onnx.data").exists()  # small enough to go inline again
+    ids = np.arange(1, 9, dtype=np.int64)[None]
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {i.name: np.zeros([d if isinstance(d, int) else 0 for d in i.shape], np.float16) for i in session.get_inputs()
+            if i.name.startswith("past")}
+    feed.update(input_ids=ids, attention_mask=np.ones_like(ids), position_ids=np.arange(8, dtype=np.int64)[None])
+    feed = {k: v.reshape([1, *v.shape[1:]]) if k.startswith("past") else v for k, v in feed.items()}
+    assert np.isfinite(session.run(["logits"], feed)[0]).all()
