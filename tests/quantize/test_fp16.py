@@ -4,17 +4,30 @@ onnxruntime's float16 converter makes of the same graph in memory."""
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import numpy_helper
 
 from edgegpt.graph.io import load_graph, save_model
 from edgegpt.quantize.recipes.fp16 import build, convert
 
 
-def test_a_graph_in_a_data_file_converts_to_what_the_converter_makes_in_memory(trained_bundle, tmp_path):
+@pytest.mark.parametrize("stored", ["data file", "inline"])
+def test_a_graph_converts_one_weight_at_a_time_to_what_the_converter_makes_in_memory(trained_bundle, tmp_path,
+                                                                                     stored, monkeypatch):
+    from edgegpt.quantize.recipes import fp16
+
+    seen = []  # the largest weight the converter was given in memory: none, wherever the graph kept them
+    monkeypatch.setattr(fp16, "convert", lambda m: seen.append(max(len(t.raw_data) for t in m.graph.initializer))
+                        or convert(m))
     (tmp_path / "src").mkdir()
     (tmp_path / "out").mkdir()
-    save_model(load_graph(trained_bundle / "model.onnx"), tmp_path / "src" / "model.onnx", external=True)
-    build(tmp_path / "src" / "model.onnx", tmp_path / "out" / "model.onnx", {}, None)
+    src = trained_bundle / "model.onnx"
+    if stored == "data file":
+        src = tmp_path / "src" / "model.onnx"
+        save_model(load_graph(trained_bundle / "model.onnx"), src, external=True)
+    build(src, tmp_path / "out" / "model.onnx", {}, None)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx"]  # the scratch copy is gone
+    assert seen and seen[0] < 1024
     want = convert(load_graph(trained_bundle / "model.onnx"))
     got = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert [(n.op_type, list(n.input), list(n.output)) for n in got.graph.node] == \
@@ -24,7 +37,6 @@ def test_a_graph_in_a_data_file_converts_to_what_the_converter_makes_in_memory(t
     assert len(halves) > 4
     for a, b in zip(got.graph.initializer, want.graph.initializer):
         assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b)), a.name
-    assert not (tmp_path / "out" / "model.onnx.data").exists()  # small enough to go inline again
     ids = np.arange(1, 9, dtype=np.int64)[None]
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     feed = {i.name: np.zeros([d if isinstance(d, int) else 0 for d in i.shape], np.float16) for i in session.get_inputs()

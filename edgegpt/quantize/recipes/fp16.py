@@ -5,6 +5,7 @@ converter. LayerNormalization, Softmax and the logits stay float32 (fp16 overflo
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -46,7 +47,8 @@ def convert(model):
 
 
 def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
-    """The graph is converted without its weights; then each fp32 weight the converter retyped is read from the
+    """The graph is converted without its weights (in a data file: a graph that keeps them inline is staged
+    into one first); then each fp32 weight the converter retyped is read from the
     data file, converted by the converter's own tensor conversion and written, one at a time (graph.io.
     save_rewritten): the fp32 weights are never all in memory (the converter converts a loaded graph in place,
     which holds the fp32 bytes and the fp16 ones at once)."""
@@ -54,19 +56,26 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     from onnx import numpy_helper
     from onnxruntime.transformers.float16 import convert_tensor_float_to_float16
 
-    from edgegpt.graph.io import load_graph, save_rewritten
+    from edgegpt.graph.io import data_file, load_graph, save_model, save_rewritten
+    from edgegpt.limits import release_freed
 
-    model = load_graph(src, load_external_data=False)
-    stored = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-    model = convert(model)
-    halves = [t for t in model.graph.initializer if t.name in stored and t.data_type == onnx.TensorProto.FLOAT16]
-    for t in halves:
-        t.data_type = onnx.TensorProto.FLOAT  # what its bytes in the data file are, until rewritten
+    with tempfile.TemporaryDirectory(prefix="fp16-", dir=dst.parent) as scratch:
+        if not data_file(src).is_file():  # weights inline: to a data file first, so that they can leave memory
+            staged = Path(scratch) / "model.onnx"
+            save_model(load_graph(src), staged, external=True)
+            release_freed()
+            src = staged
+        model = load_graph(src, load_external_data=False)
+        stored = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        model = convert(model)
+        halves = [t for t in model.graph.initializer if t.name in stored and t.data_type == onnx.TensorProto.FLOAT16]
+        for t in halves:
+            t.data_type = onnx.TensorProto.FLOAT  # what its bytes in the data file are, until rewritten
 
-    def half(name: str):
-        return lambda values: [convert_tensor_float_to_float16(numpy_helper.from_array(values, name))]
+        def half(name: str):
+            return lambda values: [convert_tensor_float_to_float16(numpy_helper.from_array(values, name))]
 
-    save_rewritten(model, src.parent, dst, {t.name: half(t.name) for t in halves})
+        save_rewritten(model, src.parent, dst, {t.name: half(t.name) for t in halves})
     return {"fp32_ops": FP32_OPS, "fp32_io": [contract.LOGITS]}
 
 
