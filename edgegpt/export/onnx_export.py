@@ -14,7 +14,6 @@ embedding, unused opset imports are dropped and shapes are inferred.
 
 from __future__ import annotations
 
-import functools
 import logging
 import tempfile
 import warnings
@@ -153,17 +152,18 @@ def _export_fused(model: GPT, dest: Path, options: ExportOptions, external: bool
 
     shared = options.kv_cache == "shared"
     out = dest / MODEL_FILE
-    build = functools.partial(build_fused, model.eval(), last_logits_only=options.last_logits_only,
-                              opset=options.opset, shared_kv=shared)
-    if external:  # the weights go to the data file as the graph is built, the graph after them
-        data = dest / gio.EXTERNAL_DATA_FILE
+    # the weights go to a data file as the graph is built, never into a protobuf beside the torch model's; a graph
+    # that keeps them inline reads them back from a scratch one as it is written, one at a time
+    with tempfile.TemporaryDirectory(prefix="edgegpt-fused-", dir=dest) as scratch:
+        data = (dest if external else Path(scratch)) / gio.EXTERNAL_DATA_FILE
         with open(data, "wb") as f:
-            m = build(data=f, location=data.name)
-        match_umask(data)
-        gio.write_streamed(m, out)
-    else:
-        m = build()
-        gio.save_model(m, out, external=False)
+            m = build_fused(model.eval(), last_logits_only=options.last_logits_only, opset=options.opset,
+                            shared_kv=shared, data=f, location=data.name)
+        if external:
+            match_umask(data)
+            gio.write_streamed(m, out)
+        else:
+            gio.write_streamed(m, out, folder=Path(scratch))
     return {
         "file": MODEL_FILE,
         "external_data": gio.EXTERNAL_DATA_FILE if external else None,

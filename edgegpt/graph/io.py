@@ -129,15 +129,30 @@ def _tensor_size(t) -> int:
     return len(_without(t, "raw_data").SerializeToString()) + 1 + len(_varint(n)) + n
 
 
-def write_streamed(model: onnx.ModelProto, path: Path) -> None:
+def write_streamed(model: onnx.ModelProto, path: Path, *, folder: Path | None = None) -> None:
     """Write ``model`` as onnx.save_model would, one initializer at a time. SerializeToString (and ByteSize)
     hold the whole file in memory. Protobuf reads fields in any order and appends repeated ones, so the model's
     other fields, then the graph's other fields, then each initializer (GraphProto field 5) parse to the same
-    model; onnx's own save has no streaming mode."""
+    model; onnx's own save has no streaming mode. With ``folder``, a weight kept in a data file there is read
+    (``read_weight``) and written inline, one at a time: the file is self-contained."""
+    import numpy as np
+    from onnx import numpy_helper
+
     graph = model.graph
+
+    def stored(t) -> bool:
+        return folder is not None and t.data_location == onnx.TensorProto.EXTERNAL
+
+    def size(t) -> int:
+        if not stored(t):
+            return _tensor_size(t)
+        head = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type)  # what from_array sets
+        n = int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        return len(head.SerializeToString()) + 1 + len(_varint(n)) + n
+
     head = _without(model, "graph").SerializeToString()
     graph_head = _without(graph, "initializer").SerializeToString()
-    sizes = [_tensor_size(t) for t in graph.initializer]
+    sizes = [size(t) for t in graph.initializer]
     graph_len = len(graph_head) + sum(1 + len(_varint(n)) + n for n in sizes)
     if len(head) + graph_len >= PROTOBUF_LIMIT:
         raise ExportError(f"the graph is {(len(head) + graph_len) / 1e9:.2f} GB, over protobuf's 2 GB limit; "
@@ -147,8 +162,11 @@ def write_streamed(model: onnx.ModelProto, path: Path) -> None:
         f.write(b"\x3a" + _varint(graph_len))  # ModelProto.graph: field 7, length-delimited
         f.write(graph_head)
         for t, n in zip(graph.initializer, sizes):
+            data = (numpy_helper.from_array(read_weight(t, folder), t.name) if stored(t) else t).SerializeToString()
+            if len(data) != n:  # the length written before it must be the tensor's
+                raise ExportError(f"{t.name}: serialized to {len(data)} bytes, not the {n} planned")
             f.write(b"\x2a" + _varint(n))  # GraphProto.initializer: field 5, length-delimited
-            f.write(t.SerializeToString())
+            f.write(data)
 
 
 def read_weight(t: onnx.TensorProto, folder: Path):
