@@ -17,10 +17,33 @@ log = logging.getLogger(__name__)
 FP32_OPS = ["LayerNormalization", "Softmax"]
 
 
-def convert(model):
+class _NumpyHelper:
+    """onnx.numpy_helper as the shape inference sees it, whose to_array reads a weight kept in a data file from
+    ``folder`` (onnx's reads it from the working directory, or fails)."""
+
+    def __init__(self, folder: Optional[Path]):
+        self.folder = folder
+
+    def __getattr__(self, name: str):
+        from onnx import numpy_helper
+
+        return getattr(numpy_helper, name)
+
+    def to_array(self, tensor, base_dir: str = ""):
+        from edgegpt.graph.io import read_weight
+
+        if self.folder is None:
+            return self.__getattr__("to_array")(tensor, base_dir)
+        return read_weight(tensor, self.folder)
+
+
+def convert(model, folder: Optional[Path] = None):
     """The fp16 graph of an fp32 model (also used by package for its static graphs). A weight kept in a data file
-    (a graph loaded with load_external_data=False) is only retyped: its bytes are still fp32 (``build``)."""
+    in ``folder`` (a graph loaded with load_external_data=False) is only retyped: its bytes are still fp32
+    (``build``); the shape inference reads the few values it needs (biases, shapes) from the file."""
     from unittest import mock
+
+    from onnxruntime.tools import symbolic_shape_infer
 
     from onnx import helper
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -32,7 +55,8 @@ def convert(model):
     # contrib ops, so without this a tensor feeding both a blocked LayerNormalization and an fp16 Add
     # gets no Cast and the graph is mistyped.
     try:
-        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        with mock.patch.object(symbolic_shape_infer, "numpy_helper", _NumpyHelper(folder)):
+            model = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
     except Exception as e:  # noqa: BLE001 - the converter still works on graphs it can type itself
         log.debug("symbolic shape inference failed (%s); converting without it", e)
     # logits stay fp32 (sampling and perplexity want them); the KV cache goes fp16. The converter reads each
@@ -67,7 +91,7 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
             src = staged
         model = load_graph(src, load_external_data=False)
         stored = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-        model = convert(model)
+        model = convert(model, src.parent)
         halves = [t for t in model.graph.initializer if t.name in stored and t.data_type == onnx.TensorProto.FLOAT16]
         for t in halves:
             t.data_type = onnx.TensorProto.FLOAT  # what its bytes in the data file are, until rewritten
