@@ -40,12 +40,16 @@ on GPT-2 small's shape with random weights (medians), and the recompute is the c
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegpt.contract import SCREEN_MARGIN
 from edgegpt.errors import QuantizeError
+from edgegpt.graph.io import read_weight
 from edgegpt.quantize.heads import HEAD_BLOCK  # the int8 recipes' 8-bit head: the same kernel, measured there
 
 # the share of the vocabulary (per row) above which the head falls back to the fp32 Gemm: a kept token
@@ -119,13 +123,14 @@ def head_bounds(wte: np.ndarray, deq: np.ndarray, block: int, chunk: int = 4096)
     return {"err_l2": up(err_l2), "act": up(act)}
 
 
-def screen_lm_head(model: onnx.ModelProto, *, block_size: int = HEAD_BLOCK) -> dict:
+def screen_lm_head(model: onnx.ModelProto, *, block_size: int = HEAD_BLOCK, folder: Optional[Path] = None) -> dict:
     """Replace the tied fp32 head of ``model`` (in place) with the screened head. Returns the
-    recipe's description of it."""
+    recipe's description of it. ``folder``: where the data file of a graph loaded without its weights is
+    (the embedding is read from it)."""
     inits = {t.name: t for t in model.graph.initializer}
     gemm = _head_gemm(model, inits)
     h, wte_name, logits2d = gemm.input[0], gemm.input[1], gemm.output[0]
-    wte = numpy_helper.to_array(inits[wte_name])
+    wte = read_weight(inits[wte_name], folder) if folder is not None else numpy_helper.to_array(inits[wte_name])
     vocab = wte.shape[0]
     attrs, qweights, deq = quantize_head(wte, block_size)
     bounds = head_bounds(wte, deq, int(attrs["block_size"]))

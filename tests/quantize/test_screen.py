@@ -244,3 +244,28 @@ def test_cli_writes_a_screened_bundle(trained_bundle, tmp_path):
     assert m["recipe"]["lm_head"] == "screened" and m["graph"]["options"]["last_logits_only"]
     a, b = Generator.load(trained_bundle), Generator.load(tmp_path / "s")
     assert b.generate(PROMPTS[2], 24, ignore_eos=True) == a.generate(PROMPTS[2], 24, ignore_eos=True)
+
+
+def test_a_graph_in_a_data_file_gets_the_same_screened_head_one_weight_at_a_time(trained_bundle, tmp_path):
+    """GPT-2 large and up keep their weights in a data file: the embedding the screen quantizes is read from it,
+    the other weights are copied one at a time, and the result is the one from the inline graph."""
+    import onnx
+
+    from edgegpt.graph.io import load_graph
+    from edgegpt.quantize.recipes.fp32 import build
+
+    for kind in ("inline", "external", "out-inline", "out-external"):
+        (tmp_path / kind).mkdir()
+    onnx.save_model(load_graph(trained_bundle / "model.onnx"), str(tmp_path / "external" / "model.onnx"),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
+                    size_threshold=0)
+    out = {}
+    for kind, src in (("inline", trained_bundle / "model.onnx"), ("external", tmp_path / "external" / "model.onnx")):
+        info = build(src, tmp_path / f"out-{kind}" / "model.onnx", {"lm_head": "screened"}, None)
+        m = onnx.load(str(tmp_path / f"out-{kind}" / "model.onnx"))
+        out[kind] = (info, [n.op_type for n in m.graph.node],
+                     {t.name: numpy_helper.to_array(t) for t in m.graph.initializer})
+    assert out["inline"][0] == out["external"][0] and out["inline"][1] == out["external"][1]
+    assert "screen" in out["external"][0] and len(out["external"][1]) > len(onnx.load(str(trained_bundle / "model.onnx")).graph.node)
+    a, b = out["inline"][2], out["external"][2]
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

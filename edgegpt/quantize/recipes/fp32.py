@@ -12,15 +12,16 @@ from edgegpt.quantize.recipes.card import Option, RecipeCard
 
 
 def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
-    from edgegpt.graph.io import load_graph, save_graph
+    from edgegpt.graph.io import load_graph, save_rewritten
 
-    model = load_graph(src)  # loaded and saved, not copied: its external data (if any) gets dst's name
+    # read without the weights of a data file and written one weight at a time (its data file gets dst's name)
+    model = load_graph(src, load_external_data=False)
     info = {}
     if opts["lm_head"] == "screened":
         from edgegpt.quantize.screen import screen_lm_head
 
-        info = screen_lm_head(model)
-    save_graph(model, dst)
+        info = screen_lm_head(model, folder=src.parent)
+    save_rewritten(model, src.parent, dst, {})
     return info
 
 
