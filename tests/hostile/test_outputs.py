@@ -110,7 +110,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(hf_checkpoint, tiny_bundle, 
     # ENOSPC halfway through writing: one line, no partial output, no temporary left
     from edgegpt.graph import io as gio
 
-    def full(model, path):
+    def full(model, path, **kwargs):
         Path(path).write_bytes(b"part of a graph")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
