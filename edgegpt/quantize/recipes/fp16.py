@@ -43,10 +43,8 @@ def convert(model, folder: Optional[Path] = None):
     (``build``); the shape inference reads the few values it needs (biases, shapes) from the file."""
     from unittest import mock
 
-    from onnxruntime.tools import symbolic_shape_infer
-
     from onnx import helper
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    from onnxruntime.tools import symbolic_shape_infer
     from onnxruntime.transformers import float16
 
     from edgegpt.graph.passes import topological_sort, unique_node_names
@@ -56,7 +54,8 @@ def convert(model, folder: Optional[Path] = None):
     # gets no Cast and the graph is mistyped.
     try:
         with mock.patch.object(symbolic_shape_infer, "numpy_helper", _NumpyHelper(folder)):
-            model = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+            model = symbolic_shape_infer.SymbolicShapeInference.infer_shapes(model, auto_merge=True,
+                                                                             guess_output_rank=True)
     except Exception as e:  # noqa: BLE001 - the converter still works on graphs it can type itself
         log.debug("symbolic shape inference failed (%s); converting without it", e)
     # logits stay fp32 (sampling and perplexity want them); the KV cache goes fp16. The converter reads each
@@ -72,10 +71,10 @@ def convert(model, folder: Optional[Path] = None):
 
 def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     """The graph is converted without its weights (in a data file: a graph that keeps them inline is staged
-    into one first); then each fp32 weight the converter retyped is read from the
-    data file, converted by the converter's own tensor conversion and written, one at a time (graph.io.
-    save_rewritten): the fp32 weights are never all in memory (the converter converts a loaded graph in place,
-    which holds the fp32 bytes and the fp16 ones at once)."""
+    into one first); then each fp32 weight the converter retyped is read from the data file, converted by the
+    converter's own tensor conversion and written, one at a time (graph.io.save_rewritten): the fp32 weights are
+    never all in memory (the converter converts a loaded graph in place, which holds the fp32 bytes and the fp16
+    ones at once)."""
     import onnx
     from onnx import numpy_helper
     from onnxruntime.transformers.float16 import convert_tensor_float_to_float16
