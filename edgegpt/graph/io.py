@@ -135,7 +135,6 @@ def write_streamed(model: onnx.ModelProto, path: Path, *, folder: Path | None = 
     other fields, then the graph's other fields, then each initializer (GraphProto field 5) parse to the same
     model; onnx's own save has no streaming mode. With ``folder``, a weight kept in a data file there is read
     (``read_weight``) and written inline, one at a time: the file is self-contained."""
-    import numpy as np
     from onnx import numpy_helper
 
     graph = model.graph
@@ -147,7 +146,7 @@ def write_streamed(model: onnx.ModelProto, path: Path, *, folder: Path | None = 
         if not stored(t):
             return _tensor_size(t)
         head = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type)  # what from_array sets
-        n = int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        n = stored_bytes(t)
         return len(head.SerializeToString()) + 1 + len(_varint(n)) + n
 
     head = _without(model, "graph").SerializeToString()
@@ -169,6 +168,16 @@ def write_streamed(model: onnx.ModelProto, path: Path, *, folder: Path | None = 
             f.write(data)
 
 
+def stored_bytes(t: onnx.TensorProto) -> int:
+    """An initializer's bytes from its shape and type (they may lie in a data file)."""
+    import numpy as np
+
+    count = 1
+    for d in t.dims:
+        count *= d
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
 def read_weight(t: onnx.TensorProto, folder: Path):
     """An initializer's values as a numpy array; one kept in a data file is read from it without being loaded
     into ``t``. Under upb (protobuf's Python backend here) the bytes a message is given stay allocated until the
@@ -186,9 +195,7 @@ def read_weight(t: onnx.TensorProto, folder: Path):
         raise BundleError(f"{t.name}: its data file {info.get('location')!r} is not a file inside {folder}; "
                           f"re-run `edgegpt export`")
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-    count = 1
-    for d in t.dims:
-        count *= d
+    count = stored_bytes(t) // dtype.itemsize
     values = np.fromfile(file, dtype=dtype, count=count, offset=int(info.get("offset", 0)))
     if values.size != count:
         raise BundleError(f"{t.name}: {file.name} ends before its {count} values; re-run `edgegpt export`")
@@ -199,14 +206,16 @@ def save_rewritten(model: onnx.ModelProto, folder: Path, dst: Path, rewrite: dic
     """Save ``model`` (loaded with ``load_external_data=False`` from ``folder``) to ``dst`` as ``save_graph``
     does, with each initializer named in ``rewrite`` replaced by ``rewrite[name](values)`` (a list of
     TensorProtos), read one at a time (``read_weight``): the fp32 weights are never all in memory beside the
-    new ones."""
+    new ones. ``rewrite[name]`` may also be the list itself, when the new tensors do not need the old values
+    (they are then not read)."""
     from onnx import numpy_helper
 
     out = _without(model, "graph")
     out.graph.CopyFrom(_without(model.graph, "initializer"))
     for t in model.graph.initializer:
         if t.name in rewrite:
-            out.graph.initializer.extend(rewrite[t.name](read_weight(t, folder)))
+            new = rewrite[t.name]
+            out.graph.initializer.extend(new if isinstance(new, list) else new(read_weight(t, folder)))
         elif t.data_location == onnx.TensorProto.EXTERNAL:
             out.graph.initializer.append(numpy_helper.from_array(read_weight(t, folder), t.name))
         else:

@@ -133,8 +133,8 @@ def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
 
 def hessians(probe: Path, inputs: list[str], dims: dict[str, int], feeds: list[dict]) -> dict[str, np.ndarray]:
     """H = 2 X^T X / rows for each named activation over the prefill ``feeds``, one pass of the fp32 graph
-    ``probe`` (its weights inline or in its data file, which the pass's view shares) with the activations as its only outputs, so
-    onnxruntime prunes the LM head (a third of a GPT-2 small prefill). Accumulated in float32."""
+    ``probe`` (its weights inline or in its data file, which the pass's view shares) with the activations as its
+    only outputs, so onnxruntime prunes the LM head (a third of a GPT-2 small prefill). Accumulated in float32."""
     import onnxruntime as ort
 
     model = onnx.load(str(probe), load_external_data=False)
@@ -175,14 +175,6 @@ def _widths(model: onnx.ModelProto, inputs: list[str]) -> dict[str, int]:
     return widths
 
 
-def _nbytes(t: onnx.TensorProto) -> int:
-    """An initializer's size from its shape and type (its bytes may lie in a data file)."""
-    count = 1
-    for d in t.dims:
-        count *= d
-    return count * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-
-
 def gptq_file(src: Path, dst: Path, feeds: list[dict], *, block_size: int, symmetric: bool, accuracy_level: int,
               exclude: Optional[set[str]] = None, budget_bytes: Optional[int] = None) -> int:
     """The graph at ``src`` with every MatMul of a constant 2-D weight (except ``exclude``) as a GPTQ-quantized
@@ -198,7 +190,7 @@ def gptq_file(src: Path, dst: Path, feeds: list[dict], *, block_size: int, symme
     the layers up to it. ``src``'s folder is scratch space: the pass writes its view of the graph there."""
     from tqdm.auto import tqdm
 
-    from edgegpt.graph.io import load_graph, read_weight, save_rewritten
+    from edgegpt.graph.io import load_graph, read_weight, save_rewritten, stored_bytes
     from edgegpt.limits import available_memory
 
     src = Path(src)
@@ -211,7 +203,7 @@ def gptq_file(src: Path, dst: Path, feeds: list[dict], *, block_size: int, symme
     rows = max((f[contract.INPUT_IDS].size for f in feeds), default=1)
     # a Hessian, and the activations of FEEDS_PER_PRODUCT windows waiting for their product
     cost = {name: dims[name] ** 2 * 4 + FEEDS_PER_PRODUCT * rows * dims[name] * 4 for name in inputs}
-    weights = sum(_nbytes(t) for t in model.graph.initializer)
+    weights = sum(stored_bytes(t) for t in model.graph.initializer)
     if budget_bytes is None:  # GPT-2 small's Hessians take one pass; large's and XL's (1.9x their weights) two
         budget_bytes = max(640 << 20, min(weights, ((available_memory() or 0) - weights) // 2))
     replaced: dict[str, onnx.NodeProto] = {}
@@ -235,7 +227,9 @@ def gptq_file(src: Path, dst: Path, feeds: list[dict], *, block_size: int, symme
     still_used = {i for n in model.graph.node for i in n.input}
 
     def rewrite(name: str):  # the 4-bit tensors take the fp32 weight's place, beside it if still read
-        return lambda values: ([numpy_helper.from_array(values, name)] if name in still_used else []) + blocks[name]
+        if name not in still_used:
+            return blocks[name]  # the fp32 weight is not read again
+        return lambda values: [numpy_helper.from_array(values, name)] + blocks[name]
 
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
