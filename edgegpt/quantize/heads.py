@@ -20,11 +20,14 @@ from edgegpt.errors import QuantizeError
 from edgegpt.graph.io import load_graph, save_graph
 from edgegpt.graph.passes import LM_HEAD_WEIGHT_T, embedding_name, replace_node, tie_lm_head, untie_lm_head
 
-# The 8-bit LM head (int8 and int4 recipes, and the screened fp32 head's approximation) in blocks of 128:
-# KL to fp32 unchanged from block 32 (0.00158 vs 0.00155, trained 4x256 model); W1 decode 1.10-1.12x and
-# 34 MB less RSS for int8 on the GPT-2 small shape; the 768 x 50257 head alone runs 1.30 ms vs 1.38
-# (block 64) and 1.55 (block 256).
+# The 8-bit LM head (int4 recipe, and the screened fp32 head's approximation) in blocks of 128: W1 decode
+# 1.10-1.12x and 34 MB less RSS than block 32 for int8 on the GPT-2 small shape; the 768 x 50257 head alone
+# runs 1.30 ms vs 1.38 (block 64) and 1.55 (block 256).
 HEAD_BLOCK = 128
+# The int8 recipe's head (and so its shared embedding table) in blocks of 64: KL to fp32 along 8 decode paths
+# 0.88x and 0.83x, windowed 0.93x and 0.90x block 128's on the pydoc and code models of docs/quantization.md;
+# W1 decode 1.00x, TTFT 1.07x (every position's logits) and a 2% larger bundle at GPT-2 small's shape.
+INT8_HEAD_BLOCK = 64
 # One fp32 scale per 32 values along the embedding axis.
 EMBEDDING_BLOCK = 32
 HEAD_PRECISIONS = ("fp32", "int8", "int4")
@@ -36,9 +39,10 @@ def load_untied(src: Path) -> tuple[onnx.ModelProto, Optional[str]]:
     return model, untie_lm_head(model)
 
 
-def finish_head(path: Path, head: Optional[str], precision: str, *, accuracy_level: int = 4) -> None:
-    """The untied head after the body was quantized, in place: an 8-bit MatMulNBits (int8), tied back
-    to the embedding (fp32), or left as the body's quantizer wrote it (int4)."""
+def finish_head(path: Path, head: Optional[str], precision: str, *, accuracy_level: int = 4,
+                block_size: int = HEAD_BLOCK) -> None:
+    """The untied head after the body was quantized, in place: an 8-bit MatMulNBits in blocks of ``block_size``
+    (int8), tied back to the embedding (fp32), or left as the body's quantizer wrote it (int4)."""
     if head is None or precision == "int4":
         return
     model = onnx.load(str(path))
@@ -51,7 +55,7 @@ def finish_head(path: Path, head: Optional[str], precision: str, *, accuracy_lev
     # nodes_to_exclude, not nodes_to_include: the quantizer takes every MatMul of its op types in addition
     # to the included ones, so only excluding the rest keeps a float body float
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
-    q = MatMulNBitsQuantizer(model, bits=8, block_size=HEAD_BLOCK, is_symmetric=True,
+    q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
                              accuracy_level=accuracy_level or None, nodes_to_exclude=others)
     q.process()
     save_graph(q.model.model, path)

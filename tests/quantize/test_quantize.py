@@ -51,6 +51,12 @@ def test_kl_ranks_the_schemes(quantized):
     assert q["fp16"]["kl_mean"] < q["int8"]["kl_mean"] < q["int4"]["kl_mean"]
 
 
+def read_graph(bundle):
+    import onnx
+
+    return onnx.load(str(bundle / "model.onnx"))
+
+
 def test_recipes_are_what_they_say(quantized):
     m = quantized[1]
     assert m["int8"]["graph"]["op_counts"]["MatMulInteger"] == 4 * 2  # 4 weight matmuls x 2 layers
@@ -58,6 +64,11 @@ def test_recipes_are_what_they_say(quantized):
     assert m["int4"]["recipe"]["block_size"] == 128 and m["int4"]["recipe"]["accuracy_level"] == 4
     assert m["int4"]["recipe"]["algorithm"] == "gptq"
     assert m["int4"]["recipe"]["symmetric"] is False
+    for mode, block in (("int8", 64), ("int4", 128)):  # the 8-bit head: int8's in finer blocks
+        heads = [n for n in read_graph(quantized[0] / mode).graph.node
+                 if n.op_type == "MatMulNBits" and n.input[1].startswith("lm_head")]
+        assert [a.i for a in heads[0].attribute if a.name == "block_size"] == [block]
+        assert m[mode]["recipe"]["lm_head_block_size"] == block
     for mode in ("int8", "int4"):  # the embedding reads the 8-bit head's blocks: one table in the file
         assert m[mode]["recipe"]["embedding"] == "int8" and m[mode]["recipe"]["embedding_table"] == "shared"
         assert m[mode]["graph"]["op_counts"]["com.microsoft.GatherBlockQuantized"] == 1

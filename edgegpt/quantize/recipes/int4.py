@@ -18,7 +18,7 @@ GPTQ_WINDOWS = 128
 def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     from edgegpt.graph.io import remove_graph, save_graph
     from edgegpt.limits import release_freed
-    from edgegpt.quantize.heads import finish_head, load_untied, resolve_embedding, store_embedding
+    from edgegpt.quantize.heads import HEAD_BLOCK, finish_head, load_untied, resolve_embedding, store_embedding
 
     embedding = resolve_embedding(opts["embedding"], opts["lm_head"])
     model, head = load_untied(src)
@@ -45,6 +45,8 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     release_freed()
     finish_head(dst, head, opts["lm_head"], accuracy_level=opts["accuracy_level"])
     table = store_embedding(dst, embedding, opts["lm_head"])
+    if head is not None and opts["lm_head"] == "int8":
+        info["lm_head_block_size"] = HEAD_BLOCK
     return {"embedding": embedding, "embedding_table": table, **info}
 
 

@@ -32,7 +32,8 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     from edgegpt.graph.io import remove_graph, save_graph
     from edgegpt.graph.passes import weight_matmuls
     from edgegpt.limits import release_freed
-    from edgegpt.quantize.heads import finish_head, load_untied, resolve_embedding, store_embedding
+    from edgegpt.quantize.heads import (INT8_HEAD_BLOCK, finish_head, load_untied, resolve_embedding,
+                                        store_embedding)
     from edgegpt.quantize.matmul_int8 import quantize_matmuls
 
     embedding = resolve_embedding(opts["embedding"], opts["lm_head"])
@@ -48,12 +49,11 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     if opts["smooth"]:
         from edgegpt.corpus import calibration_text
         from edgegpt.quantize.calibration import calibration_feeds
-        from edgegpt.quantize.heads import HEAD_BLOCK
         from edgegpt.quantize.smooth import smooth
 
         schemes = dict.fromkeys(block_matmuls, 0)
         if head is not None and opts["lm_head"] == "int8":
-            schemes[head] = HEAD_BLOCK
+            schemes[head] = INT8_HEAD_BLOCK
     # the phases below read the graph from a file, one weight at a time where it has a data file (GPT-2 large and
     # up): smoothing chooses its factors and the quantizer applies them as it reads each weight
     untied = dst.with_name("untied.onnx")
@@ -72,8 +72,10 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     finally:
         remove_graph(untied)
     release_freed()
-    finish_head(dst, head, opts["lm_head"], accuracy_level=4)
+    finish_head(dst, head, opts["lm_head"], accuracy_level=4, block_size=INT8_HEAD_BLOCK)
     table = store_embedding(dst, embedding, opts["lm_head"], scales.get(head))
+    if head is not None and opts["lm_head"] == "int8":
+        info["lm_head_block_size"] = INT8_HEAD_BLOCK
     return {"embedding": embedding, "embedding_table": table, "reduce_range": reduce_range,
             "quantized_matmuls": len(block_matmuls), "cpu_vnni": bool(flags & VNNI), **info}
 
