@@ -11,10 +11,15 @@ runtimes (ORTModelForCausalLM, onnxruntime-genai's generic decoder) consume our 
  -> logits                         float  [batch, seq | 1, vocab]           (1 with last_logits_only)
     present.{i}.key/value          kv     [batch, n_head, past + seq, head_dim]
 
-A bundle quantized with ``--lm-head screened`` also has one overridable initializer (a graph input
-with a default, listed by onnxruntime among get_overridable_initializers(), not get_inputs()):
+Overridable initializers (graph inputs with a default, listed by onnxruntime among
+get_overridable_initializers(), not get_inputs(), so a runtime that does not know them runs the default):
 
-    logits_screen_margin           float  []   (default 0: exact greedy; see quantize/screen.py)
+    logits_to_keep                 int64  [1]  (default 2^62: every position; the fused export without
+                                               --last-logits-only. The logits are those of the last n
+                                               positions: the runtime asks for 1 at a prefill, so the LM
+                                               head runs once per prompt instead of once per token)
+    logits_screen_margin           float  []   (``--lm-head screened`` only; default 0: exact greedy; see
+                                               quantize/screen.py)
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ PAST_VALUE = "past_key_values.{}.value"
 PRESENT_KEY = "present.{}.key"
 PRESENT_VALUE = "present.{}.value"
 SCREEN_MARGIN = "logits_screen_margin"
+LOGITS_TO_KEEP = "logits_to_keep"
+KEEP_ALL_LOGITS = 1 << 62  # logits_to_keep's default: more positions than any step has
 
 PAST_PREFIX, PRESENT_PREFIX = PAST_KEY.split("{")[0], PRESENT_KEY.split("{")[0]  # "past_key_values.", "present."
 

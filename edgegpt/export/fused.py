@@ -175,6 +175,13 @@ def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17, 
                          g.init("/model/last/ends", np.array([np.iinfo(np.int64).max], np.int64)),
                          g.init("/model/last/axes", np.array([1], np.int64))], ["/model/last/out"], "/model/last/Slice")
         hidden = "/model/last/out"
+    else:  # the last logits_to_keep positions (all by default): a prefill for generation asks for one
+        keep = g.init(contract.LOGITS_TO_KEEP, np.array([contract.KEEP_ALL_LOGITS], np.int64))
+        g.node("Neg", [keep], ["/model/keep/starts"], "/model/keep/Neg")
+        g.node("Slice", [hidden, "/model/keep/starts",
+                         g.init("/model/keep/ends", np.array([np.iinfo(np.int64).max], np.int64)),
+                         g.init("/model/keep/axes", np.array([1], np.int64))], ["/model/keep/out"], "/model/keep/Slice")
+        hidden = "/model/keep/out"
     # (B, T, C) -> (B*T, C) -> Gemm with the tied embedding (transB) -> (B, T, V)
     g.node("Shape", [hidden], ["/model/lm_head/shape"], "/model/lm_head/Shape", end=2)
     g.node("Concat", ["/model/lm_head/shape", g.init("/model/lm_head/vocab", np.array([cfg.vocab_size], np.int64))],
@@ -194,6 +201,8 @@ def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17, 
     model.graph.name = "edgegpt_gpt2_fused"
     model.graph.node.extend(g.nodes)
     model.graph.input.extend(inputs)
+    if not last_logits_only:  # an initializer that is also a graph input: overridable at run time
+        model.graph.input.append(helper.make_tensor_value_info(contract.LOGITS_TO_KEEP, TensorProto.INT64, [1]))
     model.graph.output.extend(outputs)
     model.ir_version, model.producer_name = 9, "edgegpt"
     model.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)])

@@ -108,7 +108,10 @@ class ModelSession:
                               f"({str(e).splitlines()[0][:200]}); re-run `edgegpt export`") from None
         self._check_graph(io)
         # a screened LM head (quantize/screen.py) takes a margin the runtime sets per generation
-        self.screened = any(x.name == contract.SCREEN_MARGIN for x in self.session.get_overridable_initializers())
+        overridable = {x.name for x in self.session.get_overridable_initializers()}
+        self.screened = contract.SCREEN_MARGIN in overridable
+        # the graph computes the logits of only as many last positions as asked (export/fused.py)
+        self.keeps_logits = contract.LOGITS_TO_KEEP in overridable and not self.last_logits_only
         self._past_names = contract.past_names(self.n_layer)
         self._present_names = contract.present_names(self.n_layer)
         self._output_names = contract.output_names(self.n_layer)
@@ -161,7 +164,7 @@ class ModelSession:
 
     def check_memory(self, batch: int, slots: Optional[int] = None, prompt_tokens: int = 0) -> None:
         """Refuse a generation whose KV cache and logits cannot fit in the memory available."""
-        rows = batch * (1 if self.last_logits_only else max(1, prompt_tokens))
+        rows = batch * (1 if self.last_logits_only or self.keeps_logits else max(1, prompt_tokens))
         need = self.kv_bytes(batch, slots) + 4 * rows * self.vocab_size
         check_memory(need, f"a KV cache of {batch} rows x {slots or self.max_context} tokens",
                      "lower the batch size, the prompt length or max_new_tokens")
@@ -224,6 +227,9 @@ class KVCache:
         # a screened head's margin: bound with the past, changed in place (the OrtValue wraps this array)
         self._margin = np.zeros((), np.float32) if session.screened else None
         self._margin_value = ort.OrtValue.ortvalue_from_numpy(self._margin) if session.screened else None
+        # how many last positions' logits a step computes (bound with the past, changed in place)
+        self._keep = np.array([contract.KEEP_ALL_LOGITS], np.int64) if session.keeps_logits else None
+        self._keep_value = ort.OrtValue.ortvalue_from_numpy(self._keep) if session.keeps_logits else None
 
     def set_screen_margin(self, margin: float) -> None:
         """A screened head recomputes in fp32 every token within ``margin`` of the best possible
@@ -251,13 +257,17 @@ class KVCache:
         position's (B, T, V) (speculative verification; not on --last-logits-only bundles). The array may be
         overwritten by the next step: consume it first."""
         s, b = self.s, self.binding
-        one_row = input_ids.shape[1] == 1 or s.last_logits_only
+        one_row = input_ids.shape[1] == 1 or s.last_logits_only or (s.keeps_logits and not all_rows)
+        if self._keep is not None:
+            self._keep[0] = 1 if one_row else contract.KEEP_ALL_LOGITS
         if not self._past_bound:  # concat: a new past every step; shared: bound once, then left alone
             b.clear_binding_inputs()
             for name, value in zip(s._past_names, self.past):
                 b.bind_ortvalue_input(name, value)
             if self._margin_value is not None:
                 b.bind_ortvalue_input(contract.SCREEN_MARGIN, self._margin_value)
+            if self._keep_value is not None:
+                b.bind_ortvalue_input(contract.LOGITS_TO_KEEP, self._keep_value)
             self._past_bound = bool(s.kv_capacity)
         # rebinding a bound input name replaces its value (outputs are another matter: _bind_outputs)
         b.bind_cpu_input(contract.INPUT_IDS, input_ids)

@@ -82,6 +82,33 @@ def _no_dead_nodes(g):
     return produced <= consumed
 
 
+def test_the_fused_graph_computes_the_logits_of_as_many_last_positions_as_asked(bundle):
+    """logits_to_keep is an overridable initializer: a runtime that does not know it (Optimum, onnxruntime-genai,
+    transformers.js) sees the same inputs as before and gets every position; edgegpt's runtime asks a prefill for
+    one, and the LM head runs once instead of once per prompt token."""
+    from edgegpt.runtime.session import ModelSession
+
+    s = ModelSession(bundle)
+    assert s.keeps_logits
+    assert contract.LOGITS_TO_KEEP not in {i.name for i in s.session.get_inputs()}
+    ids = np.arange(5, 17, dtype=np.int64)[None]
+    feed = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones_like(ids),
+            contract.POSITION_IDS: np.arange(12, dtype=np.int64)[None]}
+    feed.update({n: s.empty_past_numpy(1) for n in contract.past_names(s.n_layer)})
+    every = s.session.run([contract.LOGITS], feed)[0]
+    assert every.shape == (1, 12, s.vocab_size)
+    for n in (1, 3):
+        kept = s.session.run([contract.LOGITS], {**feed, contract.LOGITS_TO_KEEP: np.array([n], np.int64)})[0]
+        assert kept.shape == (1, n, s.vocab_size)
+        np.testing.assert_allclose(kept, every[:, -n:], atol=1e-5)
+    cache = s.start(1)  # the runtime's prefill: the last row, as the full graph computes it
+    np.testing.assert_allclose(cache.step(ids, feed[contract.ATTENTION_MASK], feed[contract.POSITION_IDS]),
+                               every[:, -1], atol=1e-5)
+    assert cache._keep[0] == 1
+    rows = s.start(1).step(ids, feed[contract.ATTENTION_MASK], feed[contract.POSITION_IDS], all_rows=True)
+    np.testing.assert_allclose(rows, every, atol=1e-5)  # speculative verification: every row
+
+
 def test_fused_graph_is_made_of_contrib_kernels(bundle):
     g = onnx.load(str(bundle / "model.onnx"))
     m = read_manifest(bundle)
@@ -89,7 +116,7 @@ def test_fused_graph_is_made_of_contrib_kernels(bundle):
     assert counts["com.microsoft.MultiHeadAttention"] == L and counts["LayerNormalization"] == 2 * L + 1
     assert "com.microsoft.SkipLayerNormalization" not in counts  # slow on CPU: Add, Add, LayerNormalization instead
     assert counts["com.microsoft.FastGelu"] == L and counts["MatMul"] == 4 * L and counts["Gemm"] == 1
-    assert sum(counts.values()) < 16 * L  # vs ~50 per layer traced
+    assert sum(counts.values()) < 16 * L + 2  # vs ~50 per layer traced (+ logits_to_keep's two, once per graph)
     assert m["graph"]["options"]["fused_attention"] == "com.microsoft.MultiHeadAttention"
     assert len([t for t in g.graph.initializer if 1000 in t.dims]) == 1 and _no_dead_nodes(g)
 

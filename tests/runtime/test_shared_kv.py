@@ -94,7 +94,8 @@ def test_decode_steps_rebind_only_the_three_small_inputs(shared):
     cache.binding.bind_cpu_input = lambda name, v: (calls.append(name), real[1](name, v))
     x = np.arange(3, 7)[None]
     cache.step(x, np.ones_like(x), np.arange(4)[None])
-    assert len(calls) == 2 * s.n_layer + 3
+    assert len(calls) == 2 * s.n_layer + 3 + 1  # + logits_to_keep, bound once like the past
+    assert s.keeps_logits
     calls.clear()
     for t in range(4, 8):
         cache.step(np.asarray([[t]]), np.ones((1, t + 1), np.int64), np.asarray([[t]]))
