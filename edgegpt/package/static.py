@@ -187,9 +187,6 @@ def static_graph(src: Path, dst: Path, *, seq: int, past: int, n_layer: int, acc
     if accelerator not in ACCELERATORS:
         raise PackageError(f"static graphs are made for {', '.join(ACCELERATORS)}, not {accelerator!r}")
     model = load_graph(src)
-    # a fixed graph: logits_to_keep's default (every row; _last_row_only slices a prefill) becomes a constant
-    for vi in [vi for vi in model.graph.input if vi.name == contract.LOGITS_TO_KEEP]:
-        model.graph.input.remove(vi)
     kv_type = next(i.type.tensor_type.elem_type for i in model.graph.input
                    if i.name == contract.PAST_KEY.format(0))
     _mask_to_bias(model, kv_type)
