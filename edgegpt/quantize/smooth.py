@@ -104,6 +104,7 @@ def activation_samples(model_path: Path, tensors: list[str],
         release_freed()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3  # errors only, as every edgegpt session (no note on logits_to_keep)
         sess = ort.InferenceSession(str(taps), opts, providers=["CPUExecutionProvider"])
     finally:
         remove_graph(taps)
