@@ -75,7 +75,10 @@ class RecipeCard:
 @contextlib.contextmanager
 def quiet_preprocess_hint() -> Iterator[None]:
     """onnxruntime's quantizers log a generic "consider pre-processing before quantization" warning on the
-    root logger; drop it for the duration of the call only (an app's own logging is left alone)."""
+    root logger; drop it for the duration of the call only (an app's own logging is left alone). Their
+    calibration sessions log onnxruntime's own warnings (an overridable initializer such as logits_to_keep
+    is one) at its default severity: errors only meanwhile, the default (warnings) after."""
+    import onnxruntime as ort
 
     class _Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
@@ -83,7 +86,9 @@ def quiet_preprocess_hint() -> Iterator[None]:
 
     root, f = logging.getLogger(), _Drop()
     root.addFilter(f)
+    ort.set_default_logger_severity(3)
     try:
         yield
     finally:
         root.removeFilter(f)
+        ort.set_default_logger_severity(2)
