@@ -8,7 +8,8 @@ runtimes (ORTModelForCausalLM, onnxruntime-genai's generic decoder) consume our 
     attention_mask                 int64  [batch, past + seq]
     position_ids                   int64  [batch, seq]
     past_key_values.{i}.key/value  kv     [batch, n_head, past, head_dim]   (past may be 0)
- -> logits                         float  [batch, seq | 1, vocab]           (1 with last_logits_only)
+ -> logits                         float  [batch, seq | 1, vocab]           (1 with last_logits_only;
+                                                                            the last logits_to_keep rows)
     present.{i}.key/value          kv     [batch, n_head, past + seq, head_dim]
 
 Overridable initializers (graph inputs with a default, listed by onnxruntime among

@@ -16,9 +16,9 @@ import importlib
 import pkgutil
 
 from edgegpt.errors import QuantizeError
-from edgegpt.quantize.recipes.card import Option, RecipeCard, quiet_preprocess_hint
+from edgegpt.quantize.recipes.card import Option, RecipeCard, quiet_quantizer
 
-__all__ = ["CARDS", "Option", "RecipeCard", "card", "cli_options", "precisions_for", "quiet_preprocess_hint"]
+__all__ = ["CARDS", "Option", "RecipeCard", "card", "cli_options", "precisions_for", "quiet_quantizer"]
 
 
 def _discover() -> dict[str, RecipeCard]:

@@ -73,7 +73,7 @@ class RecipeCard:
 
 
 @contextlib.contextmanager
-def quiet_preprocess_hint() -> Iterator[None]:
+def quiet_quantizer() -> Iterator[None]:
     """onnxruntime's quantizers log a generic "consider pre-processing before quantization" warning on the
     root logger; drop it for the duration of the call only (an app's own logging is left alone). Their
     calibration sessions log onnxruntime's own warnings (an overridable initializer such as logits_to_keep

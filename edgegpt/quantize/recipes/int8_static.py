@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from edgegpt import contract
-from edgegpt.quantize.recipes.card import Option, RecipeCard, quiet_preprocess_hint
+from edgegpt.quantize.recipes.card import Option, RecipeCard, quiet_quantizer
 
 
 def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
@@ -34,7 +34,7 @@ def build(src: Path, dst: Path, opts: dict, calibration: Optional[str]) -> dict:
     save_graph(model, untied)
     del model
     try:
-        with quiet_preprocess_hint():
+        with quiet_quantizer():
             quantize_static(str(untied), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                             use_external_data_format=data_file(untied).is_file(),
                             op_types_to_quantize=["MatMul"], nodes_to_quantize=weights,
