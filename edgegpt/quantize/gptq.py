@@ -48,21 +48,22 @@ def _grid(w: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def gptq_matrix(w: np.ndarray, h: np.ndarray, *, block_size: int, symmetric: bool = False,
-                damp: float = 0.01, step: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                damp: float = 0.01, step: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize ``w`` (K inputs x N outputs) in 4-bit blocks of ``block_size`` input rows with GPTQ
     under Hessian ``h`` (K x K). Returns codes (K padded to whole blocks, N) uint8, and scales and zero
     points (blocks, N)."""
     k0, n = w.shape
     k = -(-k0 // block_size) * block_size  # MatMulNBits pads K to whole blocks; padded inputs are dead
-    w = np.pad(w.astype(np.float64), ((0, k - k0), (0, 0)))
-    h = np.pad(h.astype(np.float64), ((0, k - k0), (0, k - k0)))
+    # float32 throughout, as the reference implementation: float64 took 2.3x as long at GPT-2 XL's 6400 inputs
+    w = np.pad(w.astype(np.float32), ((0, k - k0), (0, 0)))
+    h = np.pad(h.astype(np.float32), ((0, k - k0), (0, k - k0)))
     dead = np.diag(h) == 0  # an input that never moved: its weights do not matter
     h[dead, dead] = 1.0
     w[dead, :] = 0.0
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     u = _inverse_cholesky(h)
     codes = np.zeros((k, n), np.uint8)
-    scales = np.zeros((k // block_size, n), np.float64)
+    scales = np.zeros((k // block_size, n), np.float32)
     zeros = np.zeros_like(scales)
     step = max(block_size, step - step % block_size)
     for i1 in range(0, k, step):
@@ -81,7 +82,7 @@ def gptq_matrix(w: np.ndarray, h: np.ndarray, *, block_size: int, symmetric: boo
             w1[i + 1:] -= np.outer(u1[i, i + 1:], e)
             err[i] = e
         w[i2:] -= u[i1:i2, i2:].T @ err
-    return codes, scales.astype(np.float32), zeros.astype(np.uint8)
+    return codes, scales, zeros.astype(np.uint8)
 
 
 def pack_matmulnbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
@@ -120,29 +121,82 @@ def _groups(inputs: list[str], cost: dict[str, int], budget_bytes: int) -> list[
 
 
 def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """The upper factor u of inv(H) = u^T u, in float64. numpy has no Cholesky inverse (LAPACK's potri), so its
-    inv() costs 2.3x torch's cholesky_inverse at GPT-2 XL's 6400 inputs (12.8 s against 5.7 s here), the same
-    factor to 1e-15; torch is what quantize is installed with."""
+    """The upper factor u of inv(H) = u^T u, in H's precision. numpy has no Cholesky inverse (LAPACK's potri), so
+    its inv() costs 2.3x torch's cholesky_inverse at GPT-2 XL's 6400 inputs; torch is what quantize is installed
+    with."""
     import torch
 
     lower, info = torch.linalg.cholesky_ex(torch.from_numpy(h))
+    if not info.item():
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
     if info.item():
         raise QuantizeError("GPTQ: the calibration Hessian is not positive definite; give more text")
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).numpy()
+    return upper.numpy()
 
 
-def hessians(probe: Path, inputs: list[str], dims: dict[str, int], feeds: list[dict]) -> dict[str, np.ndarray]:
-    """H = 2 X^T X / rows for each named activation over the prefill ``feeds``, one pass of the fp32 graph
-    ``probe`` (its weights inline or in its data file, which the pass's view shares) with the activations as its
-    only outputs, so onnxruntime prunes the LM head (a third of a GPT-2 small prefill). Accumulated in float32."""
+def _cut(model: onnx.ModelProto, producers: dict[str, int], activation: str) -> Optional[str]:
+    """The residual-stream tensor a pass that starts at ``activation`` can start from: the input of the nearest
+    LayerNormalization up the chain of first inputs above it (GPT-2: a block's ln_1 or ln_2). Everything after
+    that LayerNormalization depends on the layers before it through that one tensor only. None where the chain
+    finds no LayerNormalization, or the graph has subgraphs (whose names a cut would not see)."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
+           for a in n.attribute):
+        return None
+    name = activation
+    for _ in range(len(model.graph.node)):
+        i = producers.get(name)
+        if i is None or not model.graph.node[i].input:
+            return None
+        node = model.graph.node[i]
+        if node.op_type == "LayerNormalization":
+            return node.input[0]
+        name = node.input[0]
+    return None
+
+
+def _view(model: onnx.ModelProto, producers: dict[str, int], outputs: list[str], start: Optional[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``outputs`` from its inputs, its initializers and the tensor ``start``
+    (None: from its inputs only), with only the initializers that part reads (their data stays where it is).
+    onnxruntime prunes what no output needs, but only after loading every weight the graph names: a view that
+    starts at a cut holds the weights of the layers after it only, and runs only those layers."""
+    inits = {t.name for t in model.graph.initializer}
+    graph_inputs = {i.name: i for i in model.graph.input}
+    stops = inits | set(graph_inputs) | {"", start}
+    keep, seen, todo = set(), set(), list(outputs)
+    while todo:
+        name = todo.pop()
+        if name in seen or name in stops:
+            continue
+        seen.add(name)
+        keep.add(producers[name])
+        todo.extend(model.graph.node[producers[name]].input)
+    nodes = [n for i, n in enumerate(model.graph.node) if i in keep]
+    read = {name for n in nodes for name in n.input} | set(outputs)
+    ins = [graph_inputs[n] for n in graph_inputs if n in read]
+    if start is not None:
+        ins.append(helper.make_tensor_value_info(start, onnx.TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, model.graph.name, ins,
+                              [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs],
+                              [t for t in model.graph.initializer if t.name in read])
+    view = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    view.functions.extend(model.functions)
+    return view
+
+
+def hessians(probe: Path, model: onnx.ModelProto, inputs: list[str], dims: dict[str, int], feeds: list[dict], *,
+             start: Optional[str] = None, stash: Optional[list[np.ndarray]] = None,
+             cut: Optional[str] = None) -> tuple[dict[str, np.ndarray], Optional[list[np.ndarray]]]:
+    """H = 2 X^T X / rows for each named activation over the prefill ``feeds``, one pass of ``model`` (the fp32
+    graph at ``probe``, read without its weights, which the pass's view reads from ``probe``'s folder) with the
+    activations as its only outputs, so onnxruntime prunes the LM head (a third of a GPT-2 small prefill).
+    Accumulated in float32. The pass starts at the tensor ``start``, whose value for each feed is in ``stash``
+    (None: at the graph's inputs), and also returns the values of the tensor ``cut`` for the next pass."""
     import onnxruntime as ort
 
-    model = onnx.load(str(probe), load_external_data=False)
-    del model.graph.output[:]
-    model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in inputs)
-    view = probe.with_name(probe.stem + ".outputs.onnx")  # the same data file, other outputs
-    onnx.save_model(model, str(view))
-    del model
+    producers = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    outputs = inputs + ([cut] if cut is not None and cut not in inputs and cut != start else [])
+    view = probe.with_name(probe.stem + ".outputs.onnx")  # beside the data file its initializers name
+    onnx.save_model(_view(model, producers, outputs, start), str(view))
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
@@ -150,11 +204,18 @@ def hessians(probe: Path, inputs: list[str], dims: dict[str, int], feeds: list[d
         sess = ort.InferenceSession(str(view), so, providers=["CPUExecutionProvider"])
     finally:
         view.unlink()
+    names = {i.name for i in sess.get_inputs()}
     acc = {name: np.zeros((dims[name], dims[name]), np.float32) for name in inputs}
-    rows, pending = 0, {name: [] for name in inputs}
+    rows, pending, nxt = 0, {name: [] for name in inputs}, []
     for i, feed in enumerate(feeds):
-        for name, x in zip(inputs, sess.run(inputs, feed)):
-            pending[name].append(x.reshape(-1, x.shape[-1]))
+        feed = {k: v for k, v in feed.items() if k in names}
+        if start is not None:
+            feed[start] = stash[i]
+        values = dict(zip(outputs, sess.run(outputs, feed)))
+        for name in inputs:
+            pending[name].append(values[name].reshape(-1, values[name].shape[-1]))
+        if cut is not None:
+            nxt.append(values[cut] if cut in values else stash[i])
         rows += pending[inputs[0]][-1].shape[0]
         if (i + 1) % FEEDS_PER_PRODUCT == 0 or i + 1 == len(feeds):
             for name in inputs:  # one tall product: ~7x the GEMM rate of one per window
@@ -162,7 +223,7 @@ def hessians(probe: Path, inputs: list[str], dims: dict[str, int], feeds: list[d
                 acc[name] += x.T @ x
                 pending[name] = []
     del sess
-    return {name: h * np.float32(2.0 / rows) for name, h in acc.items()}
+    return {name: h * np.float32(2.0 / rows) for name, h in acc.items()}, (nxt if cut is not None else None)
 
 
 def _widths(model: onnx.ModelProto, inputs: list[str]) -> dict[str, int]:
@@ -183,11 +244,12 @@ def gptq_file(src: Path, dst: Path, feeds: list[dict], *, block_size: int, symme
     The graph is read without its weights: onnxruntime runs ``src`` to measure the Hessians, each weight is
     read from the data file when its MatMul is quantized (graph.io.read_weight), and only the 4-bit blocks
     stay in memory; the fp32 weights still used are copied to ``dst`` one at a time at the end. So the
-    process holds the session's copy of the weights and the Hessians, never also the graph's (GPT-2 XL:
-    6.2 GB each). The Hessians are computed in groups of activations of about equal size, in graph order, each
-    at most ``budget_bytes`` (default: the weights' size, or half the memory left beside them if less, and
-    640 MB at least); a group's MatMuls are quantized before the next group's pass, whose session holds only
-    the layers up to it. ``src``'s folder is scratch space: the pass writes its view of the graph there."""
+    process holds a session's copy of some weights and some Hessians, never also the graph's weights. The
+    Hessians are computed in groups of activations of about equal size, in graph order, each at most
+    ``budget_bytes`` (default: a quarter of the weights' size, or a third of the memory available if less, and
+    640 MB at least); a group's MatMuls are quantized before the next group's pass. A pass starts where the one
+    before it left the residual stream (_cut), so its session holds and runs only the layers from there to its
+    last activation. ``src``'s folder is scratch space: the pass writes its view of the graph there."""
     from tqdm.auto import tqdm
 
     from edgegpt.graph.io import load_graph, read_weight, save_rewritten, stored_bytes
@@ -204,14 +266,23 @@ def gptq_file(src: Path, dst: Path, feeds: list[dict], *, block_size: int, symme
     # a Hessian, and the activations of FEEDS_PER_PRODUCT windows waiting for their product
     cost = {name: dims[name] ** 2 * 4 + FEEDS_PER_PRODUCT * rows * dims[name] * 4 for name in inputs}
     weights = sum(stored_bytes(t) for t in model.graph.initializer)
-    if budget_bytes is None:  # GPT-2 small's Hessians take one pass; large's and XL's (1.9x their weights) two
-        budget_bytes = max(640 << 20, min(weights, ((available_memory() or 0) - weights) // 2))
+    if budget_bytes is None:  # GPT-2 small's Hessians take one pass; XL's (1.7x its weights) 7 of a quarter each
+        budget_bytes = max(640 << 20, min(weights // 4, (available_memory() or 0) // 3))
     replaced: dict[str, onnx.NodeProto] = {}
     blocks: dict[str, list[onnx.TensorProto]] = {}  # weight name -> its 4-bit tensors
     uses = Counter(n.input[0] for n in targets)
     bar = tqdm(total=len(targets), desc="gptq", unit="matmul", leave=False, disable=None)
-    for group in _groups(inputs, cost, budget_bytes):
-        hs = hessians(src, group, dims, feeds)
+    groups = _groups(inputs, cost, budget_bytes)
+    producers = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    # each pass after the first starts where the one before left the residual stream, so the passes together
+    # run the graph once (GPT-2 XL in 7 passes: the layers once, not 4 times over)
+    cuts = [None] + [_cut(model, producers, g[0]) for g in groups[1:]] + [None]
+    stash = None
+    for k, group in enumerate(groups):
+        start = cuts[k] if cuts[k] not in group else None
+        if start is not None and stash is None:  # no value for it: this pass starts at the inputs
+            start = None
+        hs, stash = hessians(src, model, group, dims, feeds, start=start, stash=stash, cut=cuts[k + 1])
         for node in [n for n in targets if n.input[0] in hs]:
             w = read_weight(inits[node.input[1]], src.parent)
             uses[node.input[0]] -= 1  # free each Hessian after its last MatMul

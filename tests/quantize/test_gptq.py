@@ -134,13 +134,50 @@ def test_streamed_gptq_gives_the_same_weights_from_a_data_file_and_in_many_passe
         assert sum(n.op_type == "MatMul" and n.input[1] in out[-1] for n in q.graph.node) == 1  # the head
     assert out[0].keys() == out[1].keys() and any(k.endswith("_Q4") for k in out[0])
     assert [k for k in out[0] if k.endswith(".weight_t")] == ["lm_head.weight_t"]  # fp32 weights: the head only
-    assert all(np.array_equal(out[0][k], out[1][k]) for k in out[0])
+    for k in out[0]:  # the same blocks: a pass that starts at a cut rounds a few float32 sums differently
+        if out[0][k].dtype == np.float32:
+            np.testing.assert_allclose(out[0][k], out[1][k], rtol=1e-5, atol=1e-7, err_msg=k)
+        else:
+            assert np.mean(out[0][k] != out[1][k]) <= 1e-3, k
     session = ort.InferenceSession(str(tmp_path / "external" / "q.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_outputs()
     cost = dict(zip("abcde", (3, 3, 3, 3, 10)))
     assert _groups(list(cost), cost, 100) == [list("abcde")]
     assert all(sum(cost[n] for n in g) <= 12 or len(g) == 1 for g in _groups(list(cost), cost, 12))
     assert _groups(list(cost), cost, 1) == [[n] for n in "abcde"]
+
+
+def test_a_pass_after_the_first_starts_at_the_residual_stream_and_holds_only_the_layers_after_it(trained_bundle):
+    """The Hessian passes of a large model run the graph once between them: a pass starts at the residual-stream
+    tensor above its first activation, so its session holds (and runs) the layers from there on only."""
+    from edgegpt.quantize.gptq import _cut, _view
+    from edgegpt.quantize.heads import load_untied
+
+    model, _ = load_untied(trained_bundle / "model.onnx")
+    producers = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    start = _cut(model, producers, "/model/layers.1/attn/out")
+    assert start == "/model/layers.1/ln_1/residual"
+    assert _cut(model, producers, "/model/layers.1/mlp/act") == "/model/layers.1/ln_2/residual"
+    view = _view(model, producers, ["/model/layers.1/mlp/act"], start)
+    weights = {t.name for t in view.graph.initializer}
+    assert "transformer.h.1.mlp.c_fc.weight_t" in weights and "transformer.h.1.attn.c_attn.weight_t" in weights
+    assert not any(w.startswith(("transformer.h.0.", "transformer.w", "lm_head")) for w in weights), weights
+    assert {i.name for i in view.graph.input} == {start, "attention_mask", "past_key_values.1.key",
+                                                  "past_key_values.1.value"}
+    # and it computes what the whole graph does from there
+    full = _view(model, producers, [start, "/model/layers.1/mlp/act"], None)
+    ids = np.arange(1, 17, dtype=np.int64)[None]
+    feed = {"input_ids": ids, "position_ids": np.arange(16, dtype=np.int64)[None],
+            "attention_mask": np.ones_like(ids), "logits_to_keep": np.array(1, np.int64)}
+    for i in model.graph.input:
+        if i.name.startswith("past_key_values"):
+            dims = [d.dim_value or 1 for d in i.type.tensor_type.shape.dim]
+            feed[i.name] = np.zeros([1, dims[1], 0, dims[3]], np.float32)
+    a = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(view.SerializeToString(), providers=["CPUExecutionProvider"])
+    resid, act = a.run(None, {k: v for k, v in feed.items() if k in {x.name for x in a.get_inputs()}})
+    got = b.run(None, {**{k: v for k, v in feed.items() if k in {x.name for x in b.get_inputs()}}, start: resid})[0]
+    np.testing.assert_allclose(got, act, rtol=1e-5, atol=1e-5)
 
 
 def test_a_hessian_that_is_not_positive_definite_is_a_clear_error():
