@@ -51,9 +51,8 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
         raise PackageError(f"{bundle} has 8-bit int8 weights, on which onnxruntime-web's WASM kernels give other "
                            f"results than this runtime: package the fp32 bundle it came from (web int8 uses 7-bit "
                            f"weights)")
-    if manifest["graph"].get("external_data") and target.mobile:
-        raise PackageError(f"{bundle} keeps its weights in external data; ORT-format mobile packages need a model "
-                           f"under 2 GB in one file")
+    if target.mobile:
+        _check_one_file(bundle, manifest, want)
     copies = 3 + len(buckets) if target.mobile else 2  # mobile: the .onnx, the .ort, the decode and prefill graphs
     check_output_dir(out, overwrite=overwrite, what="package", inputs=(bundle,),
                      need_bytes=copies * bundle_size(bundle))
@@ -71,6 +70,9 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
             src_manifest = quantize_bundle(bundle, src, want, calibration=cal, force=force,
                                            kv_cache=None if target.name == "cpu" else "fp32",
                                            options=_web_options(want) if target.name == "web" else None)
+        if target.mobile and src_manifest["graph"].get("external_data"):
+            raise PackageError(f"{bundle}'s {want} graph is {bundle_size(src) / 1e9:.2f} GB, too large for one file; "
+                               f"an ORT-format mobile package needs one: choose a smaller --precision")
         with atomic_dir(out, replace=overwrite) as tmp:
             for name in src_manifest["files"]:
                 shutil.copy2(bundle_file(src, name), tmp / name)
@@ -97,6 +99,24 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
             (tmp / "README.txt").write_text(web.readme(m) if target.name == "web" else _readme(m))
             sealed = seal(tmp, m)
     return sealed
+
+
+def _check_one_file(bundle: Path, manifest: dict, want: str) -> None:
+    """An ORT-format model is one flatbuffer (at most 2 GB), and this project's writers keep a graph in one file
+    up to EXTERNAL_DATA_THRESHOLD: refuse, before any work, a mobile package whose graph would be larger. A source
+    with a data file (GPT-2 large and XL in fp32) is fine when its package's precision makes it small enough."""
+    from edgegpt.graph.io import EXTERNAL_DATA_THRESHOLD
+    from edgegpt.quantize.recipes import card
+
+    have = manifest["precision"]
+    if have == want and manifest["graph"].get("external_data"):
+        raise PackageError(f"{bundle} keeps its {have} weights in a data file; an ORT-format mobile package needs "
+                           f"them in one file: re-export with --external-data auto, or choose a smaller --precision")
+    size = bundle_size(bundle) * (card(want).size_ratio if have != want else 1.0)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        raise PackageError(f"{bundle}'s {want} graph would be about {size / 1e9:.2f} GB; an ORT-format mobile package "
+                           f"holds its weights in one file of at most {EXTERNAL_DATA_THRESHOLD / 1e9:.2f} GB: choose "
+                           f"a smaller --precision or a smaller model")
 
 
 def _buckets(requested: Optional[Sequence[int]], past: int) -> tuple[int, ...]:

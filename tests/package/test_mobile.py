@@ -8,7 +8,7 @@ import torch
 from edgegpt.export.bundle import export_bundle
 from edgegpt.export.onnx_export import ExportOptions
 from edgegpt.manifest import read_manifest
-from edgegpt.package.bundle import package_bundle
+from edgegpt.package.bundle import _check_one_file, package_bundle
 from tests.conftest import make_hf_checkpoint, run_without_torch
 
 
@@ -44,6 +44,35 @@ def test_default_mobile_package_succeeds_on_an_odd_model(odd_traced, target, tmp
 def test_default_desktop_and_web_packages_succeed_on_an_odd_model(odd_traced, target, tmp_path):
     m = package_bundle(odd_traced, target, tmp_path / target)
     assert m["package"]["precision"] == {"cpu": "int8", "cuda": "fp16", "web": "int8"}[target]
+
+
+def test_a_mobile_package_from_a_bundle_with_a_data_file(trained_checkpoint, tmp_path):
+    """GPT-2 large and XL keep their fp32 weights in a data file; a mobile package of them is fine when its
+    precision makes the graph fit one file, and refused before any work when it would not."""
+    from edgegpt.errors import PackageError
+
+    export_bundle(trained_checkpoint, tmp_path / "traced", ExportOptions(graph="traced", external_data="always"))
+    assert read_manifest(tmp_path / "traced")["graph"]["external_data"]
+    m = package_bundle(tmp_path / "traced", "ios", tmp_path / "ios", prefill_buckets=[16])
+    assert m["package"]["precision"] == "fp16" and m["package"]["verification"]["greedy_identical"]
+    assert not m["graph"].get("external_data") and not list((tmp_path / "ios").glob("*.data"))
+    with pytest.raises(PackageError, match="keeps its fp32 weights in a data file"):
+        package_bundle(tmp_path / "traced", "ios", tmp_path / "fp32", precision="fp32")
+    assert not (tmp_path / "fp32").exists()
+
+
+def test_a_mobile_package_that_would_not_fit_one_file_is_refused_before_any_work(odd_traced, tmp_path, monkeypatch):
+    from edgegpt.errors import PackageError
+
+    size = sum(f.stat().st_size for f in odd_traced.iterdir())
+    monkeypatch.setattr("edgegpt.graph.io.EXTERNAL_DATA_THRESHOLD", int(size * 0.4))  # fp16: half the fp32 bytes
+    with pytest.raises(PackageError, match=r"fp16 graph would be about .* GB; .* one file"):
+        package_bundle(odd_traced, "ios", tmp_path / "ios")
+    assert not (tmp_path / "ios").exists()
+    monkeypatch.setattr("edgegpt.graph.io.EXTERNAL_DATA_THRESHOLD", int(size * 0.6))
+    _check_one_file(odd_traced, read_manifest(odd_traced), "fp16")  # fits: no error
+    with pytest.raises(PackageError, match="fp32 graph would be about"):
+        _check_one_file(odd_traced, read_manifest(odd_traced), "fp32")
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,9 @@ class RecipeCard:
     # cost curve): what the up-front memory check asks for
     peak_memory: float = 7.0
     peak_memory_gb: float = 0.0
+    # the bundle's bytes over its fp32 source's (the cost curve's bundles at GPT-2 large and XL): what a package
+    # target that needs the weights in one file checks before it quantizes
+    size_ratio: float = 1.0
 
     def memory_needed(self, source_bytes: int) -> int:
         """Bytes of memory quantizing a source bundle of ``source_bytes`` is expected to peak at."""

@@ -106,6 +106,7 @@ CARD = RecipeCard(
     # peak RSS 1.81 GB at GPT-2 small (0.50 GB), 3.25 GB at medium (1.42 GB), 5.80 GB at large (3.10 GB): a line
     # just above all three
     peak_memory=1.54, peak_memory_gb=1.10,
+    size_ratio=0.5,  # 1549 / 3097 MB at large
     name="fp16", order=30, build=build, budget_pct=1.0, targets=("cuda", "ios", "web"), kv_dtype="float16",
     summary="float16 weights and KV cache for GPUs and CoreML (slower than fp32 on a CPU)",
 )
