@@ -84,7 +84,7 @@ CARD = RecipeCard(
     # peak RSS 1.96 GB at GPT-2 small (0.50 GB), 4.14 GB at large (3.10 GB), 7.52 GB at XL (6.23 GB): under
     # 1.1x + 1.5 GB at all three
     peak_memory=1.1, peak_memory_gb=1.5,
-    size_ratio=0.26,  # 790 / 3097 MB at large, 1580 / 6232 MB at XL
+    size_ratio=0.255,  # 790 / 3097 MB at large, 1580 / 6232 MB at XL
     name="int8", order=10, build=build, budget_pct=1.0, targets=("cpu", "android", "ios", "web"), int8_kv_cache="auto",
     calibration="optional",
     summary="int8 weights, int8 activations at run time (VNNI): the fastest with the least quality cost on CPUs",

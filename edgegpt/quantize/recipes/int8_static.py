@@ -75,7 +75,7 @@ def _float_logits(model) -> bool:
 
 CARD = RecipeCard(
     peak_memory=7.0,  # measured peak RSS over the source bundle's bytes
-    size_ratio=0.26,  # int8 weights, as int8's
+    size_ratio=0.26,  # int8 weights and the QDQ nodes: at least int8's
     name="int8-static", order=40, build=build, budget_pct=5.0, targets=("android",), calibration="required",
     summary="static (QDQ) int8 calibrated on your text, for NNAPI, QNN and XNNPACK",
     options=(
