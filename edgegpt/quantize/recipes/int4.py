@@ -67,7 +67,7 @@ def _gptq(untied: Path, head: Optional[str], bundle: Path, dst: Path, opts: dict
 CARD = RecipeCard(
     # peak RSS 1.83 GB at GPT-2 small (0.50 GB), 3.08 GB at medium (1.42 GB), 4.13 GB at large (3.10 GB), 7.69 GB
     # at XL (6.23 GB): a line just above all four
-    peak_memory=1.0, peak_memory_gb=1.7,
+    peak_memory=1.0, peak_memory_gb=1.68,
     size_ratio=0.15,  # 456 / 3097 MB at large, 911 / 6232 MB at XL
     name="int4", order=20, build=build, budget_pct=4.0, targets=("cpu", "cuda", "android", "ios", "web"),
     int8_kv_cache="auto", calibration="optional",
