@@ -170,6 +170,8 @@ def _view(model: onnx.ModelProto, producers: dict[str, int], outputs: list[str],
         if name in seen or name in stops:
             continue
         seen.add(name)
+        if name not in producers:
+            raise QuantizeError(f"the graph reads {name!r}, which no node, input or initializer gives")
         keep.add(producers[name])
         todo.extend(model.graph.node[producers[name]].input)
     nodes = [n for i, n in enumerate(model.graph.node) if i in keep]

@@ -180,6 +180,17 @@ def test_a_pass_after_the_first_starts_at_the_residual_stream_and_holds_only_the
     np.testing.assert_allclose(got, act, rtol=1e-5, atol=1e-5)
 
 
+def test_a_graph_that_reads_a_tensor_nothing_gives_is_a_clear_error():
+    from edgegpt.quantize.gptq import _view
+
+    node = helper.make_node("Relu", ["ghost"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    with pytest.raises(QuantizeError, match="reads 'ghost'"):
+        _view(model, {"y": 0}, ["y"], None)
+
+
 def test_a_hessian_that_is_not_positive_definite_is_a_clear_error():
     with pytest.raises(QuantizeError, match="not positive definite"):
         gptq_matrix(np.ones((64, 8), np.float32), -np.eye(64, dtype=np.float32), block_size=32)
