@@ -301,9 +301,7 @@ def gptq_file(src: Path, dst: Path, feeds: list[dict], *, block_size: int, symme
     bar = tqdm(total=len(targets), desc="gptq", unit="matmul", leave=False, disable=None)
     stash = None
     for k, group in enumerate(groups):
-        start = cuts[k] if cuts[k] not in group else None
-        if start is not None and stash is None:  # no value for it: this pass starts at the inputs
-            start = None
+        start = cuts[k] if cuts[k] not in group else None  # (a cut that is itself an activation: from the inputs)
         hs, stash = hessians(src, model, group, dims, feeds, start=start, stash=stash, cut=cuts[k + 1])
         for node in [n for n in targets if n.input[0] in hs]:
             w = read_weight(inits[node.input[1]], src.parent)
