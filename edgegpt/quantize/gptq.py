@@ -156,7 +156,8 @@ def _cut(model: onnx.ModelProto, producers: dict[str, int], activation: str) -> 
     return None
 
 
-def _view(model: onnx.ModelProto, producers: dict[str, int], outputs: list[str], start: Optional[str]) -> onnx.ModelProto:
+def _view(model: onnx.ModelProto, producers: dict[str, int], outputs: list[str],
+          start: Optional[str]) -> onnx.ModelProto:
     """The part of ``model`` that computes ``outputs`` from its inputs, its initializers and the tensor ``start``
     (None: from its inputs only), with only the initializers that part reads (their data stays where it is).
     onnxruntime prunes what no output needs, but only after loading every weight the graph names: a view that
@@ -187,17 +188,17 @@ def _view(model: onnx.ModelProto, producers: dict[str, int], outputs: list[str],
     return view
 
 
-def hessians(probe: Path, model: onnx.ModelProto, inputs: list[str], dims: dict[str, int], feeds: list[dict], *,
-             start: Optional[str] = None, stash: Optional[list[np.ndarray]] = None,
+def hessians(probe: Path, model: onnx.ModelProto, producers: dict[str, int], inputs: list[str], dims: dict[str, int],
+             feeds: list[dict], *, start: Optional[str] = None, stash: Optional[list[np.ndarray]] = None,
              cut: Optional[str] = None) -> tuple[dict[str, np.ndarray], Optional[list[np.ndarray]]]:
     """H = 2 X^T X / rows for each named activation over the prefill ``feeds``, one pass of ``model`` (the fp32
     graph at ``probe``, read without its weights, which the pass's view reads from ``probe``'s folder) with the
     activations as its only outputs, so onnxruntime prunes the LM head (a third of a GPT-2 small prefill).
     Accumulated in float32. The pass starts at the tensor ``start``, whose value for each feed is in ``stash``
-    (None: at the graph's inputs), and also returns the values of the tensor ``cut`` for the next pass."""
+    (None: at the graph's inputs), and also returns the values of the tensor ``cut`` for the next pass.
+    ``producers``: each tensor's producing node, by index into ``model.graph.node``."""
     import onnxruntime as ort
 
-    producers = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     outputs = inputs + ([cut] if cut is not None and cut not in inputs and cut != start else [])
     view = probe.with_name(probe.stem + ".outputs.onnx")  # beside the data file its initializers name
     onnx.save_model(_view(model, producers, outputs, start), str(view))
@@ -265,8 +266,9 @@ def gptq_file(src: Path, dst: Path, feeds: list[dict], *, block_size: int, symme
     ``budget_bytes`` (default: a quarter of the weights' size, or a third of the memory available if less, and
     640 MB at least); a group's MatMuls are quantized before the next group's pass. A pass starts where the one
     before it left the residual stream (_cut), so its session holds and runs only the layers from there to its
-    last activation. A graph with no such cut (no LayerNormalization above a group) runs each pass from its inputs,
-    in groups as large as the weights, or as half the memory left beside them. ``src``'s folder is scratch space: the pass writes its view of the graph there."""
+    last activation. A graph with no such cut (no LayerNormalization above a group) runs each pass from its
+    inputs, in groups as large as the weights, or as half the memory left beside them. ``src``'s folder is
+    scratch space: the pass writes its view of the graph there."""
     from tqdm.auto import tqdm
 
     from edgegpt.graph.io import load_graph, read_weight, save_rewritten, stored_bytes
@@ -289,8 +291,9 @@ def gptq_file(src: Path, dst: Path, feeds: list[dict], *, block_size: int, symme
     # the graph once, and small groups cost no more time than large ones (GPT-2 XL: 7 passes of a quarter of its
     # weights). A graph with no cut between two groups runs each pass from its inputs: there, the fewest passes
     # that fit beside the weights
-    for budget in ([budget_bytes] if budget_bytes is not None else
-                   [max(640 << 20, min(weights // 4, avail // 3)), max(640 << 20, min(weights, (avail - weights) // 2))]):
+    budgets = [budget_bytes] if budget_bytes is not None else [
+        max(640 << 20, min(weights // 4, avail // 3)), max(640 << 20, min(weights, (avail - weights) // 2))]
+    for budget in budgets:
         groups = _groups(inputs, cost, budget)
         cuts = [None] + [_cut(model, producers, g[0]) for g in groups[1:]] + [None]
         if None not in cuts[1:-1]:
@@ -302,7 +305,7 @@ def gptq_file(src: Path, dst: Path, feeds: list[dict], *, block_size: int, symme
     stash = None
     for k, group in enumerate(groups):
         start = cuts[k] if cuts[k] not in group else None  # (a cut that is itself an activation: from the inputs)
-        hs, stash = hessians(src, model, group, dims, feeds, start=start, stash=stash, cut=cuts[k + 1])
+        hs, stash = hessians(src, model, producers, group, dims, feeds, start=start, stash=stash, cut=cuts[k + 1])
         for node in [n for n in targets if n.input[0] in hs]:
             w = read_weight(inits[node.input[1]], src.parent)
             uses[node.input[0]] -= 1  # free each Hessian after its last MatMul
