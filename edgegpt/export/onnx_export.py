@@ -39,7 +39,9 @@ GRAPHS = ("fused", "traced")
 class ExportOptions:
     opset: int = DEFAULT_OPSET
     last_logits_only: bool = False
-    external_data: str = "auto"  # auto | always | never
+    # always: weights in model.onnx.data (onnxruntime maps it: less resident memory, faster load); auto: only
+    # above EXTERNAL_DATA_THRESHOLD; never: one file
+    external_data: str = "always"
     # fused: built from our weights with onnxruntime contrib ops (MultiHeadAttention or
     # GroupQueryAttention, FastGelu): the fastest on CPU/CUDA. traced: torch.onnx's standard-op
     # graph, for providers that lack the contrib ops (NNAPI, CoreML, QNN, XNNPACK, other runtimes).
@@ -104,7 +106,7 @@ def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
         options.external_data == "auto" and param_bytes > gio.EXTERNAL_DATA_THRESHOLD)
     if options.external_data == "never" and param_bytes >= gio.PROTOBUF_LIMIT:
         raise ExportError(f"the model has {param_bytes / 1e9:.2f} GB of weights, over protobuf's 2 GB limit; "
-                          f"use --external-data auto (or always)")
+                          f"use --external-data always (the default)")
     if options.graph == "fused":
         return _export_fused(model, dest, options, external)
     with tempfile.TemporaryDirectory(prefix="edgegpt-export-", dir=dest) as work:

@@ -76,6 +76,33 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
         write_streamed(model, path)
 
 
+def set_layout(path: Path, *, external: bool) -> None:
+    """Rewrite the graph at ``path`` with its weights in ``data_file(path)`` (``external``) or inline, unless they
+    are already so. A bundle for the CPU runtime keeps a data file: onnxruntime maps one from disk, and an inline
+    graph's weights are copied into a buffer it does not free once it has prepacked them (GPT-2 XL int8: 2.6 GB of
+    resident memory inline, 1.65 GB with a data file, and twice as fast to load). Inline (an ORT-format or
+    browser package, ``--external-data never``) is refused for weights over EXTERNAL_DATA_THRESHOLD."""
+    path = Path(path)
+    data = data_file(path)
+    if data.is_file() == external:
+        return
+    if external:
+        model = onnx.load(str(path))
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        match_umask(data)
+        return
+    model = onnx.load(str(path), load_external_data=False)
+    if weight_bytes(model) + sum(stored_bytes(t) for t in model.graph.initializer
+                                 if t.data_location == onnx.TensorProto.EXTERNAL) > EXTERNAL_DATA_THRESHOLD:
+        raise ValueError(f"{path.name}'s weights are over {EXTERNAL_DATA_THRESHOLD / 1e9:.2f} GB: too large for one "
+                         f"file")
+    staged = path.with_name(path.name + ".inline")
+    write_streamed(model, staged, folder=path.parent)
+    staged.replace(path)
+    data.unlink()
+
+
 def external_data_name(path: Path) -> str | None:
     """The manifest's graph.external_data for the graph at ``path``: its data file's name, or None."""
     return data_file(path).name if data_file(path).is_file() else None
@@ -155,7 +182,7 @@ def write_streamed(model: onnx.ModelProto, path: Path, *, folder: Path | None = 
     graph_len = len(graph_head) + sum(1 + len(_varint(n)) + n for n in sizes)
     if len(head) + graph_len >= PROTOBUF_LIMIT:
         raise ExportError(f"the graph is {(len(head) + graph_len) / 1e9:.2f} GB, over protobuf's 2 GB limit; "
-                          f"use --external-data auto (or always)")
+                          f"use --external-data always (the default)")
     with open(path, "wb") as f:
         f.write(head)
         f.write(b"\x3a" + _varint(graph_len))  # ModelProto.graph: field 7, length-delimited

@@ -57,6 +57,8 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
     check_output_dir(out, overwrite=overwrite, what="package", inputs=(bundle,),
                      need_bytes=copies * bundle_size(bundle))
     verify_files(bundle, manifest)
+    # an ORT-format model is one flatbuffer, and the browser fetches one graph file
+    one_file = target.mobile or target.name == "web"
     with scratch_dir(out) as work:
         src, src_manifest = bundle, manifest
         if have != want:
@@ -69,14 +71,20 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
             # an int8 KV cache runs on onnxruntime's CPU kernel: other targets keep fp32
             src_manifest = quantize_bundle(bundle, src, want, calibration=cal, force=force,
                                            kv_cache=None if target.name == "cpu" else "fp32",
-                                           options=_web_options(want) if target.name == "web" else None)
-        if target.mobile and src_manifest["graph"].get("external_data"):
+                                           options=_web_options(want) if target.name == "web" else None,
+                                           one_file=one_file)
+        if target.mobile and src_manifest["graph"].get("external_data") and have != want:
             raise PackageError(f"{bundle}'s {want} graph is {bundle_size(src) / 1e9:.2f} GB, too large for one file; "
                                f"an ORT-format mobile package needs one: choose a smaller --precision")
         with atomic_dir(out, replace=overwrite) as tmp:
             for name in src_manifest["files"]:
                 shutil.copy2(bundle_file(src, name), tmp / name)
             m = {k: v for k, v in src_manifest.items() if k not in ("format", "format_version", "files", "size_bytes")}
+            if one_file and m["graph"].get("external_data"):  # the source's own precision, from its data file
+                from edgegpt.graph.io import set_layout
+
+                set_layout(tmp / MODEL_FILE, external=False)
+                m["graph"] = dict(m["graph"], external_data=None)
             m["package"] = {"target": target.name, "precision": want, "precision_reason": target.why,
                             "providers": list(target.providers), "source_bundle": str(bundle.resolve())}
             if target.mobile:
@@ -103,15 +111,12 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
 
 def _check_one_file(bundle: Path, manifest: dict, want: str) -> None:
     """An ORT-format model is one flatbuffer (at most 2 GB), and this project's writers keep a graph in one file
-    up to EXTERNAL_DATA_THRESHOLD: refuse, before any work, a mobile package whose graph would be larger. A source
-    with a data file (GPT-2 large and XL in fp32) is fine when its package's precision makes it small enough."""
+    up to EXTERNAL_DATA_THRESHOLD: refuse, before any work, a mobile package whose graph would be larger. The
+    package moves weights out of its source's data file into the one file wherever they fit."""
     from edgegpt.graph.io import EXTERNAL_DATA_THRESHOLD
     from edgegpt.quantize.recipes import card
 
     have = manifest["precision"]
-    if have == want and manifest["graph"].get("external_data"):
-        raise PackageError(f"{bundle} keeps its {have} weights in a data file; an ORT-format mobile package needs "
-                           f"them in one file: re-export with --external-data auto, or choose a smaller --precision")
     size = bundle_size(bundle) * (card(want).size_ratio if have != want else 1.0)
     if size > EXTERNAL_DATA_THRESHOLD:
         raise PackageError(f"{bundle}'s {want} graph would be about {size / 1e9:.2f} GB; an ORT-format mobile package "

@@ -34,13 +34,16 @@ SOURCE_ONLY = ("format", "format_version", "verification", "files", "size_bytes"
 def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Optional[dict] = None,
                     eval_text: Optional[str] = None, calibration: Optional[str] = None,
                     max_ppl_increase: Optional[float] = None, force: bool = False, overwrite: bool = False,
-                    eval_tokens: int = 4096, last_logits_only: bool = False, kv_cache: Optional[str] = None) -> dict:
+                    eval_tokens: int = 4096, last_logits_only: bool = False, kv_cache: Optional[str] = None,
+                    one_file: bool = False) -> dict:
     """Quantize ``src`` into ``out`` with the recipe ``mode`` (quantize/recipes/). With ``last_logits_only``
     the quality is measured on the full graph, then the LM head is restricted to the last position (faster
     prefill for generation). ``kv_cache``: ``"int8"`` stores the KV cache of a shared-KV bundle in int8
     with scales calibrated on ``calibration`` (default: builtin:pydoc less its held-out tail); ``None`` /
     ``"auto"`` does so where the recipe's card says so, keeping it only if the decode-path check passes;
-    ``"fp32"`` never does."""
+    ``"fp32"`` never does. The graph keeps its weights in a data file as ``src`` does (or where they are too large
+    for one file); ``one_file`` puts them inline wherever they fit (the source of an ORT-format or browser
+    package)."""
     src, out = Path(src), Path(out)
     manifest = read_manifest(src)
     plan = plan_quantize(manifest, mode, options, kv_cache=kv_cache, max_ppl_increase=max_ppl_increase,
@@ -68,6 +71,7 @@ def quantize_bundle(src: str | Path, out: str | Path, mode: str, *, options: Opt
                                 f"--max-ppl-increase to change the budget")
         if plan.last_logits_only:
             _restrict_to_last_position(draft)
+        _lay_out(draft, external=not one_file and bool(manifest["graph"].get("external_data")))
         sealed = seal(tmp, draft.manifest)
     return sealed
 
@@ -106,6 +110,19 @@ def _build(plan: QuantizePlan, src: Path, manifest: dict, tmp: Path, calibration
                               "model_sha256": manifest.get("files", {}).get(manifest["graph"]["file"], {}).get("sha256")},
                source_size_bytes=manifest.get("size_bytes"), quantize_seconds=round(quantize_s, 2))
     return Draft(tmp, new), weights_only
+
+
+def _lay_out(draft: Draft, *, external: bool) -> None:
+    """The recipes write a graph inline up to EXTERNAL_DATA_THRESHOLD: give the bundle the layout asked for, where
+    its weights fit it (graph.io.set_layout)."""
+    from edgegpt.graph.io import external_data_name, set_layout
+
+    path = draft.path / MODEL_FILE
+    try:
+        set_layout(path, external=external)
+    except ValueError:  # too large for one file: the data file stays
+        pass
+    draft.manifest["graph"] = dict(draft.manifest["graph"], external_data=external_data_name(path))
 
 
 def _restrict_to_last_position(draft: Draft) -> None:

@@ -199,7 +199,7 @@ def test_too_big_for_protobuf_without_external_data_is_refused(hf_checkpoint, tm
     from edgegpt.graph import io as graph
 
     monkeypatch.setattr(graph, "PROTOBUF_LIMIT", 1000)
-    with pytest.raises(ExportError, match="over protobuf's 2 GB limit; use --external-data auto"):
+    with pytest.raises(ExportError, match="over protobuf's 2 GB limit; use --external-data always"):
         export_bundle(hf_checkpoint("small-vocab"), tmp_path / "b", ExportOptions(external_data="never"))
     assert not (tmp_path / "b").exists()
 

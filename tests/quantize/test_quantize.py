@@ -39,8 +39,11 @@ def test_each_mode_is_within_budget_and_records_its_quality(quantized, trained_b
     assert 0 < q["decode_path"]["kl_mean"] < 0.05 and q["decode_path"]["positions"] > 50
     assert q["source_perplexity"] == pytest.approx(evaluate(trained_bundle, default_eval_text(),
                                                             max_tokens=EVAL_TOKENS).perplexity, rel=1e-4)
-    src = read_manifest(trained_bundle)["files"]["model.onnx"]["bytes"]
-    assert m["files"]["model.onnx"]["bytes"] < src
+    source = read_manifest(trained_bundle)
+    graph_bytes = lambda m: sum(f["bytes"] for name, f in m["files"].items() if name.startswith("model.onnx"))  # noqa: E731
+    assert graph_bytes(m) < graph_bytes(source)
+    # the weights stay in a data file, as the source keeps them (onnxruntime maps it)
+    assert m["graph"]["external_data"] == source["graph"]["external_data"] == "model.onnx.data"
     # runs in the runtime with no special casing by the caller
     text = Generator.load(root / mode).generate("The for statement", 12, ignore_eos=True)
     assert isinstance(text, str) and text
@@ -202,8 +205,8 @@ def test_last_logits_only_is_applied_after_measuring_quality(trained_checkpoint,
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_graph_with_external_data_quantizes_to_the_same_bundle(quantized, trained_checkpoint, tmp_path, mode,
                                                                  monkeypatch):
-    """GPT-2 large and XL keep their weights in model.onnx.data. Here a small model exported that way, with the
-    threshold at 0 so every graph quantize writes goes external too: the same quality and tokens as inline."""
+    """With the threshold at 0 every graph quantize writes on the way goes external too: the same quality and tokens
+    as the default path. A source kept in one file (--external-data never) gives a bundle in one file."""
     import edgegpt.graph.io as gio
     from edgegpt.export.bundle import ExportOptions, export_bundle
     from edgegpt.manifest import verify_files
@@ -222,8 +225,11 @@ def test_a_graph_with_external_data_quantizes_to_the_same_bundle(quantized, trai
     assert Generator.load(tmp_path / mode).generate(prompt, 12, ignore_eos=True) == \
         Generator.load(root / mode).generate(prompt, 12, ignore_eos=True)
     monkeypatch.setattr(gio, "EXTERNAL_DATA_THRESHOLD", int(1.5 * 1024**3))
-    m = quantize_bundle(src, tmp_path / "inline", mode, eval_tokens=EVAL_TOKENS)  # small again: one file
+    export_bundle(trained_checkpoint, tmp_path / "one-file", ExportOptions(external_data="never"))
+    assert read_manifest(tmp_path / "one-file")["graph"]["external_data"] is None
+    m = quantize_bundle(tmp_path / "one-file", tmp_path / "inline", mode, eval_tokens=EVAL_TOKENS)
     assert m["graph"]["external_data"] is None and not (tmp_path / "inline" / "model.onnx.data").exists()
+    assert m["quality"]["kl_mean"] == pytest.approx(inline[mode]["quality"]["kl_mean"], rel=1e-6)
 
 
 def test_the_memory_check_follows_the_measured_lines_so_gpt2_xl_fits_24_gb():
