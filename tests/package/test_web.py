@@ -30,6 +30,8 @@ def test_web_package_is_the_hub_layout(source, tmp_path, precision):
     assert m["package"]["precision"] == precision and w["dtype"] == dtype and w["model_file"] == f"onnx/{name}"
     assert sorted(p.name for p in (out / "onnx").iterdir()) == [name]
     assert not (out / MODEL_FILE).exists()  # one copy of the graph, where transformers.js looks
+    # the source keeps its weights in a data file; the browser fetches one graph file that holds them
+    assert read_manifest(source)["graph"]["external_data"] and not list(out.rglob("*.data"))
     assert sha256_file(out / "onnx" / name) == w["sha256"] and (out / "onnx" / name).stat().st_size == w["bytes"]
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (out / f).is_file()
