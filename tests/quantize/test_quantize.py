@@ -242,7 +242,7 @@ def test_the_memory_check_follows_the_measured_lines_so_gpt2_xl_fits_24_gb():
     small, medium, large, xl = 0.498e9, 1.42e9, 3.097e9, 6.232e9
     measured = {int8: {small: 1.96e9, medium: 2.78e9, large: 4.14e9, xl: 7.52e9},
                 int4: {small: 1.83e9, medium: 3.08e9, large: 4.13e9, xl: 7.69e9}, fp16: {small: 1.81e9, medium: 3.25e9, large: 5.80e9},
-                fp32: {small: 1.72e9, large: 4.28e9}}
+                fp32: {small: 1.60e9, medium: 2.98e9, large: 4.28e9, xl: 7.41e9}}
     for recipe, peaks in measured.items():
         for size, peak in peaks.items():
             assert peak <= recipe.CARD.memory_needed(size) < 1.2 * peak, (recipe.CARD.name, size)
