@@ -115,7 +115,11 @@ def remove_graph(path: Path) -> None:
 
 
 def copy_graph(src: Path, dst: Path) -> None:
-    """Copy a graph and the data file ``save_graph`` may have written beside it (removing a stale one at dst)."""
+    """Copy a graph and the data file ``save_graph`` may have written beside it (removing a stale one at dst). The
+    graph names its data file, so a graph with one keeps its file name."""
+    if data_file(src).is_file() and Path(src).name != Path(dst).name:
+        raise ValueError(f"{Path(src).name} keeps its weights in {data_file(src).name}, which it names: copy it "
+                         f"under the same name, not as {Path(dst).name}")
     shutil.copy2(src, dst)
     data_file(dst).unlink(missing_ok=True)
     if data_file(src).is_file():

@@ -73,3 +73,11 @@ def test_set_layout_moves_the_weights_between_a_data_file_and_the_graph(trained_
     with pytest.raises(ValueError, match="too large for one file"):
         gio.set_layout(path, external=False)
     assert same(onnx.load(str(path)))
+
+
+def test_a_graph_with_a_data_file_is_copied_under_its_own_name(trained_bundle, tmp_path):
+    import edgegpt.graph.io as gio
+
+    with pytest.raises(ValueError, match="copy it under the same name"):
+        gio.copy_graph(trained_bundle / "model.onnx", tmp_path / "other.onnx")
+    assert not list(tmp_path.iterdir())
