@@ -19,6 +19,12 @@ SHAPES = {
     "gpt2-like": dict(n_layer=4, n_head=4, n_embd=96, n_positions=256, vocab_size=1000),
     "odd-heads": dict(n_layer=3, n_head=3, n_embd=48, n_positions=64, vocab_size=1000, activation_function="gelu"),
     "small-vocab": dict(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=300),
+    # GPT2Config's attention-scaling options: Stanford CRFM's Mistral GPT-2s (scores also divided by the layer
+    # index + 1, computed in fp32), and unscaled scores. transformers' SDPA path ignores the first two (its
+    # eager path, the models' definition, applies them), so tests compare against eager attention.
+    "mistral-like": dict(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=1000,
+                         scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
+    "unscaled": dict(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=300, scale_attn_weights=False),
 }
 
 

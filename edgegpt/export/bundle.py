@@ -37,7 +37,8 @@ def architecture(cfg: GPTConfig) -> dict:
     return {"model_type": "gpt2", "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
             "head_dim": cfg.head_dim, "n_inner": cfg.inner_dim, "n_positions": cfg.n_positions,
             "vocab_size": cfg.vocab_size, "activation_function": cfg.activation_function,
-            "layer_norm_epsilon": cfg.layer_norm_epsilon}
+            "layer_norm_epsilon": cfg.layer_norm_epsilon, "scale_attn_weights": cfg.scale_attn_weights,
+            "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_inverse_layer_idx}
 
 
 def genai_config(cfg: GPTConfig, kv_dtype: str = "float32") -> dict:

@@ -141,18 +141,22 @@ def build_fused(model: GPT, *, last_logits_only: bool = False, opset: int = 17, 
             g.node("Add", [qkv, qkv_b], [f"{h}/attn/qkv_b"], f"{h}/attn/c_attn/Add")
             qkv = f"{h}/attn/qkv_b"
         present = [f"{h}/attn/out", contract.PRESENT_KEY.format(i), contract.PRESENT_VALUE.format(i)]
+        # the kernels' scale attribute defaults to 1/sqrt(head_dim); written only where the config says otherwise
+        scale = {} if cfg.default_attn_scale else {"scale": cfg.attn_scale(i)}
         if shared_kv:  # packed QKV: GroupQueryAttention splits q, k, v itself (no Split node)
             g.node("GroupQueryAttention",
                    [qkv, "", "", contract.PAST_KEY.format(i), contract.PAST_VALUE.format(i),
                     "/model/mask/seqlens_k", "/model/mask/total"],
-                   present, f"{h}/attn/GroupQueryAttention", domain=MS, num_heads=cfg.n_head, kv_num_heads=cfg.n_head)
+                   present, f"{h}/attn/GroupQueryAttention", domain=MS, num_heads=cfg.n_head, kv_num_heads=cfg.n_head,
+                   **scale)
         else:
             split = g.init(f"{h}/attn/split_sizes", np.array([cfg.n_embd] * 3, np.int64))
             g.node("Split", [qkv, split], [f"{h}/attn/q", f"{h}/attn/k", f"{h}/attn/v"], f"{h}/attn/Split", axis=-1)
             g.node("MultiHeadAttention",
                    [f"{h}/attn/q", f"{h}/attn/k", f"{h}/attn/v", qkv_b, "/model/mask/int32", "",
                     contract.PAST_KEY.format(i), contract.PAST_VALUE.format(i)],
-                   present, f"{h}/attn/MultiHeadAttention", domain=MS, num_heads=cfg.n_head, unidirectional=1)
+                   present, f"{h}/attn/MultiHeadAttention", domain=MS, num_heads=cfg.n_head, unidirectional=1,
+                   **scale)
         proj_w = g.init(p + "attn.c_proj.weight_t", w(p + "attn.c_proj.weight"))
         g.node("MatMul", [f"{h}/attn/out", proj_w], [f"{h}/attn/proj"], f"{h}/attn/c_proj/MatMul")
         ln2_g, ln2_b = g.init(p + "ln_2.weight", sd[p + "ln_2.weight"]), g.init(p + "ln_2.bias", sd[p + "ln_2.bias"])

@@ -53,10 +53,8 @@ def read_config(model_dir: Path) -> GPTConfig:
             f"{model_dir} holds a {found!r} model; edgegpt supports GPT-2 family checkpoints "
             f"(model_type 'gpt2', {' / '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    unsupported = [k for k in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
-                   if raw.get(k)]
-    if raw.get("scale_attn_weights", True) is False:
-        unsupported.append("scale_attn_weights=false")
+    # Cross-attention needs an encoder's states, which no export feeds.
+    unsupported = [k for k in ("add_cross_attention",) if raw.get(k)]
     if unsupported:
         raise CheckpointError(f"{path}: {', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not "
                               f"supported by edgegpt's GPT-2 export")
@@ -91,6 +89,9 @@ def config_to_hf(cfg: GPTConfig) -> dict:
         "n_head": cfg.n_head,
         "n_inner": cfg.n_inner,
         "activation_function": cfg.activation_function,
+        "scale_attn_weights": cfg.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_inverse_layer_idx,
+        "reorder_and_upcast_attn": cfg.reorder_and_upcast_attn,
         "layer_norm_epsilon": cfg.layer_norm_epsilon,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,

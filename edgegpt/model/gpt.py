@@ -39,6 +39,13 @@ class GPTConfig:
     n_inner: Optional[int] = None  # MLP width; None means 4 * n_embd, as in GPT2Config
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
+    # GPT2Config's attention scaling: scores times 1/sqrt(head_dim) unless scale_attn_weights is false, and
+    # times 1/(layer index + 1) with scale_attn_by_inverse_layer_idx (Stanford CRFM's Mistral GPT-2s set it, with
+    # reorder_and_upcast_attn). reorder_and_upcast_attn only moves where the scale is applied and computes the
+    # scores in fp32, which every edgegpt graph does already; it is kept so the config round-trips.
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
     bos_token_id: int = 50256
     eos_token_id: int = 50256
 
@@ -53,6 +60,9 @@ class GPTConfig:
         eps = self.layer_norm_epsilon
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
             raise CheckpointError(f"config layer_norm_epsilon must be a small positive number, got {eps!r}")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if not isinstance(getattr(self, name), bool):
+                raise CheckpointError(f"config {name} must be true or false, got {getattr(self, name)!r}")
         for name in ("bos_token_id", "eos_token_id"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
@@ -72,6 +82,16 @@ class GPTConfig:
     @property
     def inner_dim(self) -> int:
         return self.n_inner or 4 * self.n_embd
+
+    def attn_scale(self, layer_idx: int) -> float:
+        """The factor layer ``layer_idx``'s attention scores are multiplied by before the softmax."""
+        scale = 1.0 / math.sqrt(self.head_dim) if self.scale_attn_weights else 1.0
+        return scale / (layer_idx + 1) if self.scale_attn_by_inverse_layer_idx else scale
+
+    @property
+    def default_attn_scale(self) -> bool:
+        """Every layer scales its scores by 1/sqrt(head_dim), the attention kernels' own default."""
+        return self.scale_attn_weights and not self.scale_attn_by_inverse_layer_idx
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,9 +123,9 @@ def parameter_count(cfg: GPTConfig) -> int:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer_idx: int = 0):
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.n_head, self.head_dim, self.scale = cfg.n_head, cfg.head_dim, cfg.attn_scale(layer_idx)
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
@@ -118,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, nh, past+T, hs)
             v = torch.cat([past[1], v], dim=2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, past+T)
+        att = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, past+T)
         # finfo.min rather than -inf: a fully padded query row then softmaxes to uniform, not NaN.
         att = att.masked_fill(~mask, torch.finfo(att.dtype).min)
         y = F.softmax(att, dim=-1) @ v  # (B, nh, T, hs)
@@ -138,10 +158,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
@@ -159,7 +179,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
 
 

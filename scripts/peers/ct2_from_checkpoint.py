@@ -14,6 +14,7 @@ passes the variable through to its worker. A benchmarking aid, not a dependency 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def main(argv=None) -> int:
@@ -21,6 +22,12 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint")
     ap.add_argument("out_prefix")
     args = ap.parse_args(argv)
+    from edgegpt.model.checkpoint import read_config
+
+    if not read_config(args.checkpoint).default_attn_scale:  # its GPT-2 loader reads neither option
+        print(f"error: {args.checkpoint} scales attention otherwise (scale_attn_weights / "
+              f"scale_attn_by_inverse_layer_idx), which CTranslate2's GPT-2 converter does not read", file=sys.stderr)
+        return 2
     import ctranslate2.converters.transformers as ct2t
 
     def padded(self, spec, tokens, _orig=ct2t.GPT2Loader.set_vocabulary):

@@ -31,6 +31,9 @@ def write_f32(checkpoint: Path, out: Path) -> None:
 
     model = load_model(checkpoint)
     cfg = model.config
+    if not cfg.default_attn_scale:  # llama.cpp's gpt2 graph scales every layer's scores by 1/sqrt(head_dim)
+        raise SystemExit(f"error: {checkpoint} scales attention otherwise (scale_attn_weights / "
+                         f"scale_attn_by_inverse_layer_idx), which llama.cpp's gpt2 architecture cannot express")
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     w = gguf.GGUFWriter(str(out), "gpt2")
     w.add_context_length(cfg.n_positions)

@@ -60,6 +60,45 @@ def test_export_verifies_and_describes_itself(hf_checkpoint, tmp_path, shape, gr
     assert not list(tmp_path.glob(".b.tmp-*"))
 
 
+@pytest.mark.parametrize("shape", ["mistral-like", "unscaled"])
+def test_attention_scaling_options_export_to_transformers_tokens(hf_checkpoint, tmp_path, shape):
+    """Every graph kind carries a checkpoint's own attention scale (per layer for Stanford CRFM's Mistral GPT-2s,
+    none for scale_attn_weights=false): logits and greedy tokens are transformers' eager attention's."""
+    from edgegpt.model.tokenizer import load_tokenizer
+    from edgegpt.runtime import Generator
+
+    src = hf_checkpoint(shape)
+    hf = transformers_eager(src)
+    cfg = load_checkpoint(src)[0].config
+    prompt = load_tokenizer(src).encode("The with statement").ids
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        want_logits = hf(ids).logits.numpy()
+        want = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           attention_mask=torch.ones_like(ids))[0, len(prompt):].tolist()
+    for name, options in (("concat", ExportOptions()), ("shared", ExportOptions(kv_cache="shared")),
+                          ("traced", ExportOptions(graph="traced"))):
+        out = tmp_path / name
+        assert export_bundle(src, out, options)["verification"]["passed"]
+        if name == "concat":
+            n = len(prompt)
+            got = _session(out).run([contract.LOGITS], _feed(cfg, ids.numpy(), np.ones((1, n), np.int64),
+                                                              np.arange(n)[None]))[0]
+            assert np.abs(got - want_logits).max() < 1e-4
+            scales = [a.f for node in onnx.load(out / "model.onnx", load_external_data=False).graph.node
+                      for a in node.attribute if a.name == "scale"]
+            assert scales == pytest.approx([cfg.attn_scale(i) for i in range(cfg.n_layer)])
+        assert Generator.load(out).generate_ids([prompt], 12)[0] == want, name
+
+
+def transformers_eager(path):
+    """transformers' SDPA path ignores scale_attn_weights and scale_attn_by_inverse_layer_idx
+    (huggingface/transformers#44380); its eager path is GPT-2's definition."""
+    import transformers
+
+    return transformers.GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager").eval()
+
+
 def test_the_bundle_tokenizer_loads_in_transformers_like_the_runtimes(bundle, tmp_path):
     """tokenizer_config.json and special_tokens_map.json beside tokenizer.json name the tokenizer's class and
     special tokens, as transformers.js needs: AutoTokenizer loads from those three files alone (no

@@ -77,7 +77,7 @@ def test_the_real_training_state_loads_with_weights_only(run_dir):
     ('{"model_type": "gpt2", "n_layer": true}', "n_layer must be a positive integer, got True"),
     ('{"model_type": "gpt2", "architectures": "GPT2LMHeadModel"}', "architectures must be a list"),
     ('{"model_type": "gpt2", "add_cross_attention": true}', "add_cross_attention is not supported"),
-    ('{"model_type": "gpt2", "scale_attn_weights": false}', "scale_attn_weights=false is not supported"),
+    ('{"model_type": "gpt2", "scale_attn_weights": "no"}', "scale_attn_weights must be true or false, got 'no'"),
     ('{"model_type": "gpt2", "layer_norm_epsilon": -1}', "layer_norm_epsilon must be a small positive number"),
 ])
 def test_a_bad_config_json_is_one_line(hf_checkpoint, tmp_path, config, match):

@@ -25,6 +25,22 @@ def test_saved_checkpoint_loads_in_transformers_unchanged(hf_checkpoint, tmp_pat
     assert hf_tok("def f(x): return x")["input_ids"] == tok.encode("def f(x): return x").ids
 
 
+@pytest.mark.parametrize("shape", ["mistral-like", "unscaled"])
+def test_attention_scaling_options_round_trip_through_a_saved_checkpoint(hf_checkpoint, tmp_path, shape):
+    """scale_attn_weights, scale_attn_by_inverse_layer_idx and reorder_and_upcast_attn are read, kept and written
+    back, so transformers' eager attention (the models' definition) computes our logits from our save."""
+    src = hf_checkpoint(shape)
+    model, tok = load_checkpoint(src)
+    written = json.loads((save_checkpoint(model, tok, tmp_path / "ck") / "config.json").read_text())
+    given = json.loads((src / "config.json").read_text())
+    for key in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        assert written[key] == given[key]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ck", attn_implementation="eager").eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)[0]).abs().max().item() < 1e-5
+
+
 def test_pytorch_model_bin_and_vocab_merges_are_read(hf_checkpoint, tmp_path):
     src = hf_checkpoint("small-vocab")
     dst = tmp_path / "legacy"

@@ -12,7 +12,10 @@ TOL = 1e-5
 
 def _pair(hf_checkpoint, name):
     path = hf_checkpoint(name)
-    return transformers.GPT2LMHeadModel.from_pretrained(path).eval(), load_model(path)
+    # eager: transformers' SDPA path ignores scale_attn_weights and scale_attn_by_inverse_layer_idx
+    # (huggingface/transformers#44380); the eager path is GPT-2's definition
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager").eval()
+    return hf, load_model(path)
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
