@@ -117,9 +117,11 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, repetitio
 @click.option("--graph", type=click.Choice(["fused", "traced"]), default="fused", show_default=True,
               help="fused: built with onnxruntime contrib ops (fastest on CPU/CUDA); traced: torch.onnx standard ops "
                    "(NNAPI, CoreML, QNN, XNNPACK, other runtimes).")
-@click.option("--kv-cache", type=click.Choice(["concat", "shared"]), default="concat", show_default=True,
-              help="concat: present = past + new (every runtime, Optimum too); shared: one fixed-capacity buffer "
-                   "updated in place (fused graph; edgegpt.runtime and onnxruntime-genai).")
+@click.option("--kv-cache", type=click.Choice(["auto", "shared", "concat"]), default="auto", show_default=True,
+              help="shared: one fixed-capacity buffer updated in place (fused graph; edgegpt.runtime and "
+                   "onnxruntime-genai): faster decode, an int8 KV cache, the kept chat cache, speculation; concat: "
+                   "present = past + new (Optimum and transformers.js need it); auto: shared where the graph takes "
+                   "it (fused, head_dim a multiple of 8), else concat.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 is the first with LayerNormalization).")
 @click.option("--last-logits-only", is_flag=True,
               help="Logits for the last position only (faster prefill; no perplexity or Optimum use). Recorded in the manifest.")

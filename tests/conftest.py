@@ -92,10 +92,13 @@ def trained_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_bundle(trained_checkpoint, tmp_path_factory):
+    """The trained model's fused graph with the concat cache (Optimum's contract; a left-padded batch runs as
+    one step)."""
     from edgegpt.export.bundle import export_bundle
+    from edgegpt.export.onnx_export import ExportOptions
 
     out = tmp_path_factory.mktemp("rt-trained") / "bundle"
-    export_bundle(trained_checkpoint, out)
+    export_bundle(trained_checkpoint, out, ExportOptions(kv_cache="concat"))
     return out
 
 

@@ -46,10 +46,11 @@ class ExportOptions:
     # GroupQueryAttention, FastGelu): the fastest on CPU/CUDA. traced: torch.onnx's standard-op
     # graph, for providers that lack the contrib ops (NNAPI, CoreML, QNN, XNNPACK, other runtimes).
     graph: str = "fused"
-    # concat: present = past + new (any runtime, Optimum included); shared: one fixed-capacity buffer
-    # per layer that is both past and present, updated in place (fused graph only; edgegpt.runtime
-    # and onnxruntime-genai's past_present_share_buffer).
-    kv_cache: str = "concat"
+    # shared: one fixed-capacity buffer per layer that is both past and present, updated in place (fused graph
+    # only; edgegpt.runtime and onnxruntime-genai's past_present_share_buffer): the faster decode, the int8 KV
+    # cache, the kept prompt cache and speculation. concat: present = past + new (any runtime; Optimum and
+    # transformers.js need it). auto: shared where the graph can take it (kv_layout), else concat.
+    kv_cache: str = "auto"
 
 
 class _ContractWrapper(torch.nn.Module):
@@ -63,6 +64,17 @@ class _ContractWrapper(torch.nn.Module):
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
         logits, present = self.model(input_ids, past, attention_mask, position_ids, self.last_logits_only)
         return (logits, *[t for kv in present for t in kv])
+
+
+KV_CACHES = ("auto", "shared", "concat")
+
+
+def kv_layout(options: ExportOptions, head_dim: int) -> str:
+    """The KV cache an export writes: ``auto`` is the shared buffer wherever GroupQueryAttention takes the model
+    (the fused graph, head_dim a multiple of 8), else concat."""
+    if options.kv_cache != "auto":
+        return options.kv_cache
+    return "shared" if options.graph == "fused" and head_dim % 8 == 0 else "concat"
 
 
 def check_opset(opset: int) -> None:
@@ -93,8 +105,8 @@ def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
     check_opset(options.opset)
     if options.graph not in GRAPHS:
         raise ExportError(f"graph must be one of {', '.join(GRAPHS)}, got {options.graph!r}")
-    if options.kv_cache not in ("concat", "shared"):
-        raise ExportError(f"kv_cache must be concat or shared, got {options.kv_cache!r}")
+    if options.kv_cache not in KV_CACHES:
+        raise ExportError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {options.kv_cache!r}")
     if options.kv_cache == "shared" and options.graph != "fused":
         raise ExportError("--kv-cache shared needs --graph fused (GroupQueryAttention updates the buffer in place)")
     if options.kv_cache == "shared" and model.config.head_dim % 8:
@@ -108,7 +120,7 @@ def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
         raise ExportError(f"the model has {param_bytes / 1e9:.2f} GB of weights, over protobuf's 2 GB limit; "
                           f"use --external-data always (the default)")
     if options.graph == "fused":
-        return _export_fused(model, dest, options, external)
+        return _export_fused(model, dest, options, external, kv_layout(options, model.config.head_dim) == "shared")
     with tempfile.TemporaryDirectory(prefix="edgegpt-export-", dir=dest) as work:
         raw = Path(work) / "raw.onnx"
         with warnings.catch_warnings():
@@ -146,13 +158,12 @@ def export_graph(model: GPT, dest: Path, options: ExportOptions) -> dict:
     }
 
 
-def _export_fused(model: GPT, dest: Path, options: ExportOptions, external: bool) -> dict:
+def _export_fused(model: GPT, dest: Path, options: ExportOptions, external: bool, shared: bool) -> dict:
     from edgegpt.atomic import match_umask
     from edgegpt.export.fused import build_fused
     from edgegpt.graph import io as gio, passes as gp
     from edgegpt.manifest import MODEL_FILE
 
-    shared = options.kv_cache == "shared"
     out = dest / MODEL_FILE
     # the weights go to a data file as the graph is built, never into a protobuf beside the torch model's; a graph
     # that keeps them inline reads them back from a scratch one as it is written, one at a time

@@ -46,7 +46,7 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
                            f"package that")
     if target.name == "web" and manifest["graph"].get("options", {}).get("shared_kv_buffer"):
         raise PackageError(f"{bundle} keeps its KV cache in one shared buffer, which transformers.js does not drive: "
-                           f"export with the default --kv-cache concat and package that")
+                           f"export with `--kv-cache concat` and package that")
     if target.name == "web" and have == "int8" and not manifest.get("recipe", {}).get("reduce_range"):
         raise PackageError(f"{bundle} has 8-bit int8 weights, on which onnxruntime-web's WASM kernels give other "
                            f"results than this runtime: package the fp32 bundle it came from (web int8 uses 7-bit "

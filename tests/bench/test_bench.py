@@ -17,9 +17,10 @@ from edgegpt.errors import BundleError
 @pytest.fixture(scope="module")
 def bundle(hf_checkpoint, tmp_path_factory):
     from edgegpt.export.bundle import export_bundle
+    from edgegpt.export.onnx_export import ExportOptions
 
     out = tmp_path_factory.mktemp("bench") / "b"
-    export_bundle(hf_checkpoint("distil-like"), out)
+    export_bundle(hf_checkpoint("distil-like"), out, ExportOptions(kv_cache="concat"))  # the peers' contract
     return out
 
 

@@ -21,9 +21,9 @@ from edgegpt.model import load_checkpoint
 
 @pytest.fixture(scope="module")
 def bundle(hf_checkpoint, tmp_path_factory):
-    """The default (fused) graph."""
+    """The fused graph with the concat cache: Optimum's and transformers.js's contract."""
     out = tmp_path_factory.mktemp("export") / "bundle"
-    export_bundle(hf_checkpoint("gpt2-like"), out)
+    export_bundle(hf_checkpoint("gpt2-like"), out, ExportOptions(kv_cache="concat"))
     return out
 
 
@@ -76,7 +76,7 @@ def test_attention_scaling_options_export_to_transformers_tokens(hf_checkpoint, 
         want_logits = hf(ids).logits.numpy()
         want = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
                            attention_mask=torch.ones_like(ids))[0, len(prompt):].tolist()
-    for name, options in (("concat", ExportOptions()), ("shared", ExportOptions(kv_cache="shared")),
+    for name, options in (("concat", ExportOptions(kv_cache="concat")), ("shared", ExportOptions()),
                           ("traced", ExportOptions(graph="traced"))):
         out = tmp_path / name
         assert export_bundle(src, out, options)["verification"]["passed"]
@@ -89,6 +89,24 @@ def test_attention_scaling_options_export_to_transformers_tokens(hf_checkpoint, 
                       for a in node.attribute if a.name == "scale"]
             assert scales == pytest.approx([cfg.attn_scale(i) for i in range(cfg.n_layer)])
         assert Generator.load(out).generate_ids([prompt], 12)[0] == want, name
+
+
+def test_the_default_export_keeps_the_shared_kv_buffer_where_the_graph_takes_it(hf_checkpoint, tmp_path):
+    """--kv-cache auto (the default): the fused graph's shared buffer, updated in place, unless GroupQueryAttention
+    cannot take the model (head_dim not a multiple of 8) or the graph is traced; then the concat cache."""
+    from edgegpt.runtime.session import ModelSession
+
+    cases = (("distil-like", "fused", True), ("distil-like", "traced", False), ("odd-heads", "fused", True))
+    for shape, graph, shared in cases:
+        out = tmp_path / f"{shape}-{graph}"
+        m = export_bundle(hf_checkpoint(shape), out, ExportOptions(graph=graph))
+        assert m["graph"]["options"]["shared_kv_buffer"] is shared and bool(ModelSession(out).kv_capacity) is shared
+    ck = shutil.copytree(hf_checkpoint("small-vocab"), tmp_path / "hd12")
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "n_head": 8}))  # head_dim 32 / 8 = 4
+    assert not export_bundle(ck, tmp_path / "hd4")["graph"]["options"]["shared_kv_buffer"]
+    with pytest.raises(ExportError, match="head_dim divisible by 8"):
+        export_bundle(ck, tmp_path / "hd4-shared", ExportOptions(kv_cache="shared"))
 
 
 def transformers_eager(path):

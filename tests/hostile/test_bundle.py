@@ -138,7 +138,9 @@ def test_random_bytes_as_a_graph_are_named_by_the_onnx_reader(bundle_copy):
 @pytest.mark.parametrize("changes, match", [
     ({"architecture.n_head": 1, "architecture.head_dim": 32}, "edgegpt.json says n_head 1"),
     ({"architecture.vocab_size": 500}, "logits cover 300 tokens"),
-    ({"max_context": 1000, "architecture.n_positions": 1000}, "max_context (1000) may exceed what the graph holds"),
+    ({"max_context": 1000, "architecture.n_positions": 1000}, "kv_capacity (64) is not its max_context (1000)"),
+    ({"max_context": 1000, "architecture.n_positions": 1000, "graph.options.kv_capacity": 1000},
+     "max_context (1000) may exceed what the graph holds"),
     ({"max_context": 100}, "no larger than n_positions"),
     ({"architecture.n_layer": "4"}, "n_layer must be a positive integer"),
     ({"architecture.n_head": 3}, "is not n_embd"),

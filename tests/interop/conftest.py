@@ -28,10 +28,11 @@ def transformers_js():
 @pytest.fixture(scope="session")
 def bundles(trained_checkpoint, tmp_path_factory):
     from edgegpt.export.bundle import export_bundle
+    from edgegpt.export.onnx_export import ExportOptions
     from edgegpt.quantize.bundle import quantize_bundle
 
     root = tmp_path_factory.mktemp("tjs")
-    export_bundle(trained_checkpoint, root / "fp32")
+    export_bundle(trained_checkpoint, root / "fp32", ExportOptions(kv_cache="concat"))  # Optimum's, transformers.js's
     quantize_bundle(root / "fp32", root / "int8", "int8", eval_tokens=512, force=True)
     quantize_bundle(root / "fp32", root / "int4", "int4", eval_tokens=512, force=True)
     quantize_bundle(root / "fp32", root / "fp16", "fp16", eval_tokens=512, force=True)

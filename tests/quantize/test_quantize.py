@@ -212,7 +212,7 @@ def test_a_graph_with_external_data_quantizes_to_the_same_bundle(quantized, trai
     from edgegpt.manifest import verify_files
 
     src = tmp_path / "src"
-    export_bundle(trained_checkpoint, src, ExportOptions(external_data="always"))
+    export_bundle(trained_checkpoint, src, ExportOptions(external_data="always", kv_cache="concat"))  # trained_bundle's
     root, inline = quantized
     monkeypatch.setattr(gio, "EXTERNAL_DATA_THRESHOLD", 0)
     m = quantize_bundle(src, tmp_path / mode, mode, eval_tokens=EVAL_TOKENS)
@@ -225,7 +225,7 @@ def test_a_graph_with_external_data_quantizes_to_the_same_bundle(quantized, trai
     assert Generator.load(tmp_path / mode).generate(prompt, 12, ignore_eos=True) == \
         Generator.load(root / mode).generate(prompt, 12, ignore_eos=True)
     monkeypatch.setattr(gio, "EXTERNAL_DATA_THRESHOLD", int(1.5 * 1024**3))
-    export_bundle(trained_checkpoint, tmp_path / "one-file", ExportOptions(external_data="never"))
+    export_bundle(trained_checkpoint, tmp_path / "one-file", ExportOptions(external_data="never", kv_cache="concat"))
     assert read_manifest(tmp_path / "one-file")["graph"]["external_data"] is None
     m = quantize_bundle(tmp_path / "one-file", tmp_path / "inline", mode, eval_tokens=EVAL_TOKENS)
     assert m["graph"]["external_data"] is None and not (tmp_path / "inline" / "model.onnx.data").exists()

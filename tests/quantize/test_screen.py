@@ -101,7 +101,7 @@ def test_generation_matches_the_fp32_bundle(screened, trained_bundle, kw):
 def test_batched_generation_matches_the_fp32_bundle(screened, trained_bundle):
     """A left-padded batch: every row of a decode step is screened on its own."""
     a, b = Generator.load(trained_bundle), Generator.load(screened[0])
-    assert not b.session.kv_capacity  # the default export: concat cache, so one padded batch
+    assert not b.session.kv_capacity  # a concat cache, so one padded batch
     assert b.generate(list(PROMPTS), 24, ignore_eos=True) == a.generate(list(PROMPTS), 24, ignore_eos=True)
 
 

@@ -56,7 +56,7 @@ def test_prompts_of_different_lengths_run_one_at_a_time(shared):
 
 def test_perplexity_is_the_same_as_the_concat_bundle(shared, hf_checkpoint, tmp_path):
     concat = tmp_path / "concat"
-    export_bundle(hf_checkpoint("gpt2-like"), concat)
+    export_bundle(hf_checkpoint("gpt2-like"), concat, ExportOptions(kv_cache="concat"))
     text = default_eval_text()
     a = evaluate(shared[0], text, max_tokens=600)
     b = evaluate(concat, text, max_tokens=600)
