@@ -27,11 +27,12 @@ def steps(d: Path) -> dict[str, tuple[list[str], Path]]:
     return {
         "checkpoint": ([sys.executable, "scripts/peers/make_w1_model.py", str(d / "ckpt"), "--size", d.name],
                        d / "ckpt" / "config.json"),
+        # the default export: the fused graph with the shared KV buffer (its int8 and int4 keep an int8 KV cache)
         "export": ([*e, "export", str(d / "ckpt"), "--out", str(d / "fp32")], d / "fp32"),
         "export-traced": ([*e, "export", str(d / "ckpt"), "--graph", "traced", "--out", str(d / "traced")],
                           d / "traced"),
-        "export-shared": ([*e, "export", str(d / "ckpt"), "--kv-cache", "shared", "--out", str(d / "shared")],
-                          d / "shared"),
+        "export-concat": ([*e, "export", str(d / "ckpt"), "--kv-cache", "concat", "--out", str(d / "concat")],
+                          d / "concat"),
         "quantize-int8": ([*e, "quantize", str(d / "fp32"), "--mode", "int8", "--out", str(d / "int8"), "--force"],
                           d / "int8"),
         "quantize-int4": ([*e, "quantize", str(d / "fp32"), "--mode", "int4", "--out", str(d / "int4"), "--force"],
@@ -40,8 +41,8 @@ def steps(d: Path) -> dict[str, tuple[list[str], Path]]:
                           d / "fp16"),
         "quantize-screened": ([*e, "quantize", str(d / "fp32"), "--mode", "fp32", "--lm-head", "screened", "--out",
                                str(d / "screened"), "--force"], d / "screened"),
-        "quantize-int8-kv": ([*e, "quantize", str(d / "shared"), "--mode", "int8", "--kv-cache", "int8", "--out",
-                              str(d / "int8kv"), "--force"], d / "int8kv"),
+        "quantize-int8-concat": ([*e, "quantize", str(d / "concat"), "--mode", "int8", "--out", str(d / "int8-concat"),
+                                  "--force"], d / "int8-concat"),
         "package-cpu": ([*e, "package", str(d / "fp32"), "--target", "cpu", "--out", str(d / "pkg-cpu"), "--force"],
                         d / "pkg-cpu"),
         "package-android": ([*e, "package", str(d / "traced"), "--target", "android", "--out", str(d / "pkg-android"),
@@ -50,9 +51,10 @@ def steps(d: Path) -> dict[str, tuple[list[str], Path]]:
         "gguf": ([sys.executable, "scripts/peers/gguf_from_checkpoint.py", str(d / "ckpt"), str(d / "g"), "--types",
                   "f32,q8_0,q4_0"], d / "g-q4_0.gguf"),
         # the bundles and GGUFs made so far (a curve run with --steps may leave some out)
-        "bench": ([*e, "bench", *[str(d / b) for b in ("fp32", "int8", "int4") if (d / b).exists()], "--workload",
-                   "W1", "--runs", "3", *[a for t in ("f32", "q8_0", "q4_0") if (d / f"g-{t}.gguf").exists()
-                                          for a in ("--gguf", str(d / f"g-{t}.gguf"))],
+        "bench": ([*e, "bench", *[str(d / b) for b in ("fp32", "int8", "int4", "int8-concat") if (d / b).exists()],
+                   "--workload", "W1", "--runs", "3",
+                   *[a for t in ("f32", "q8_0", "q4_0") if (d / f"g-{t}.gguf").exists()
+                     for a in ("--gguf", str(d / f"g-{t}.gguf"))],
                    "--json", str(d / "bench.json")], d / "bench.json"),
     }
 
@@ -103,7 +105,7 @@ def main() -> None:
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(curve, indent=1))
             print(f"  {r}", flush=True)
-        entry["bundle_mb"] = {n: folder_mb(d / n) for n in ("fp32", "int8", "int4", "fp16", "screened", "int8kv")
+        entry["bundle_mb"] = {n: folder_mb(d / n) for n in ("fp32", "int8", "int4", "fp16", "screened", "int8-concat")
                               if (d / n).exists()}
         if (d / "bench.json").exists():
             b = json.loads((d / "bench.json").read_text())
