@@ -44,16 +44,19 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
         raise PackageError(f"{target.name} packages need a bundle with standard ONNX ops that NNAPI / CoreML / "
                            f"XNNPACK can take: export with `edgegpt export MODEL --graph traced --out BUNDLE` and "
                            f"package that")
-    if target.name == "web" and manifest["graph"].get("options", {}).get("shared_kv_buffer"):
-        raise PackageError(f"{bundle} keeps its KV cache in one shared buffer, which transformers.js does not drive: "
-                           f"export with `--kv-cache concat` and package that")
+    # transformers.js grows the KV cache itself: a shared-buffer fp32 graph is rewritten to that layout first
+    rewrite = target.name == "web" and bool(manifest["graph"].get("options", {}).get("shared_kv_buffer"))
+    if rewrite and have != "fp32":
+        raise PackageError(f"{bundle} is {have} with the shared KV buffer, which transformers.js does not drive: "
+                           f"package the fp32 bundle it came from (its graph is rewritten to a growing cache)")
     if target.name == "web" and have == "int8" and not manifest.get("recipe", {}).get("reduce_range"):
         raise PackageError(f"{bundle} has 8-bit int8 weights, on which onnxruntime-web's WASM kernels give other "
                            f"results than this runtime: package the fp32 bundle it came from (web int8 uses 7-bit "
                            f"weights)")
     if target.mobile:
         _check_one_file(bundle, manifest, want)
-    copies = 3 + len(buckets) if target.mobile else 2  # mobile: the .onnx, the .ort, the decode and prefill graphs
+    # mobile: the .onnx, the .ort, the decode and prefill graphs; web: the graph (and its rewrite's copy)
+    copies = 3 + len(buckets) if target.mobile else 2 + rewrite
     check_output_dir(out, overwrite=overwrite, what="package", inputs=(bundle,),
                      need_bytes=copies * bundle_size(bundle))
     verify_files(bundle, manifest)
@@ -61,15 +64,20 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
     one_file = target.mobile or target.name == "web"
     with scratch_dir(out) as work:
         src, src_manifest = bundle, manifest
+        if rewrite:
+            from edgegpt.package.web import concat_source
+
+            src = Path(work) / "concat"
+            src_manifest, kv_rewrite = concat_source(bundle, manifest, src)
         if have != want:
             from edgegpt.corpus import calibration_text
             from edgegpt.quantize.bundle import quantize_bundle
 
-            src = Path(work) / "quantized"
+            source, src = src, Path(work) / "quantized"
             # int8-static needs calibration text: the user's, or builtin:pydoc's training part
             cal = calibration_text(calibration) if want == "int8-static" else calibration
             # an int8 KV cache runs on onnxruntime's CPU kernel: other targets keep fp32
-            src_manifest = quantize_bundle(bundle, src, want, calibration=cal, force=force,
+            src_manifest = quantize_bundle(source, src, want, calibration=cal, force=force,
                                            kv_cache=None if target.name == "cpu" else "fp32",
                                            options=_web_options(want) if target.name == "web" else None,
                                            one_file=one_file)
@@ -103,6 +111,8 @@ def package_bundle(bundle: str | Path, target_name: str, out: str | Path, *, pre
                 from edgegpt.package import web
 
                 m["package"]["web"] = web.web_layout(tmp, want)
+                if rewrite:
+                    m["package"]["web"]["kv_rewrite"] = kv_rewrite
                 m["graph"] = dict(m["graph"], file=None)
             (tmp / "README.txt").write_text(web.readme(m) if target.name == "web" else _readme(m))
             sealed = seal(tmp, m)

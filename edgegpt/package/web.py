@@ -34,6 +34,70 @@ def web_layout(tmp: Path, precision: str) -> dict:
             "attention_bias": bias}
 
 
+REWRITE_CHECK_STEPS, REWRITE_ATOL = 8, 1e-4  # export's fp32 parity tolerance
+
+
+def concat_source(bundle: Path, manifest: dict, dst: Path) -> tuple[dict, dict]:
+    """A sealed copy of an fp32 bundle with the shared KV buffer (the default export) in ``dst``, its graph rewritten
+    to the concat layout that transformers.js drives (graph.kv_layout); returns its manifest and what the package
+    records of the rewrite. The copy's logits are checked against the source's (export's fp32 tolerance) before
+    anything is built from it."""
+    import json
+    import shutil
+
+    from edgegpt import contract
+    from edgegpt.graph import io as gio, passes as gp
+    from edgegpt.graph.kv_layout import shared_to_concat
+    from edgegpt.manifest import bundle_file, seal
+
+    dst.mkdir()
+    for name in manifest["files"]:  # copies: onnx refuses a data file with another hard link ("hardlink attack")
+        if name != MODEL_FILE:
+            shutil.copy2(bundle_file(bundle, name), dst / name)
+    model = gio.load_graph(bundle_file(bundle, MODEL_FILE), load_external_data=False)
+    layers = shared_to_concat(model)
+    gio.write_streamed(model, dst / MODEL_FILE)
+    genai = dst / "genai_config.json"
+    if genai.is_file():
+        cfg = json.loads(genai.read_text())
+        cfg["search"]["past_present_share_buffer"] = False
+        genai.write_text(json.dumps(cfg, indent=2) + "\n")
+    options = dict(manifest["graph"]["options"], shared_kv_buffer=False, kv_capacity=None,
+                   fused_attention="com.microsoft.MultiHeadAttention")
+    io = json.loads(json.dumps(manifest["io"]))
+    for x in io["inputs"] + io["outputs"]:
+        if contract.is_kv(x["name"]):
+            x["shape"][2] = contract.PAST if x["name"].startswith(contract.PAST_PREFIX) else contract.TOTAL
+    m = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files", "size_bytes")}
+    m.update(io=io, graph=dict(manifest["graph"], options=options, op_counts=gp.op_counts(model)))
+    sealed = seal(dst, m)
+    diff = _max_logit_diff(bundle, dst)
+    if not diff <= REWRITE_ATOL:
+        raise PackageError(f"{bundle}'s graph rewritten to a growing KV cache is off by {diff:.2e} in its logits "
+                           f"(tolerance {REWRITE_ATOL}); export with `--kv-cache concat` and package that")
+    return sealed, {"from": "shared", "to": "concat", "layers": layers, "max_abs_logit_diff": float(diff),
+                    "checked_steps": REWRITE_CHECK_STEPS}
+
+
+def _max_logit_diff(a: Path, b: Path) -> float:
+    """The largest |logit| difference between two bundles over a 16-token prompt and REWRITE_CHECK_STEPS greedy
+    decode steps through each one's own cache (a's tokens fed to both)."""
+    import numpy as np
+
+    from edgegpt.runtime.session import ModelSession
+
+    sessions = [ModelSession(p) for p in (a, b)]
+    caches = [s.start(1, slots=16 + REWRITE_CHECK_STEPS) for s in sessions]
+    ids = np.arange(1, 17, dtype=np.int64)[None] % sessions[0].vocab_size
+    worst, n = 0.0, ids.shape[1]
+    for step in range(REWRITE_CHECK_STEPS + 1):
+        mask, pos = np.ones((1, n), np.int64), np.arange(n - ids.shape[1], n, dtype=np.int64)[None]
+        la, lb = (c.step(ids, mask, pos).copy() for c in caches)
+        worst = max(worst, float(np.abs(la - lb).max()))
+        ids, n = la.argmax(-1)[:, None].astype(np.int64), n + 1
+    return worst
+
+
 def attention_bias(model) -> int:
     """Each MultiHeadAttention that masks by key_padding_mask and unidirectional=1 gets the same mask as one
     additive attention_bias (B, 1, S, T) built once from attention_mask; returns how many were rewritten.

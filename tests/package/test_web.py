@@ -43,11 +43,44 @@ def test_web_package_is_the_hub_layout(source, tmp_path, precision):
         read_manifest(out)
 
 
-def test_web_refusals_and_cli(source, trained_checkpoint, tmp_path):
-    shared = tmp_path / "shared"
-    export_bundle(trained_checkpoint, shared, ExportOptions(kv_cache="shared"))
-    with pytest.raises(PackageError, match="one shared buffer, which transformers.js does not drive"):
-        package_bundle(shared, "web", tmp_path / "x")
+@pytest.fixture(scope="module")
+def shared_source(trained_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("web-shared") / "fp32"
+    export_bundle(trained_checkpoint, out)  # the default export: the shared KV buffer
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_default_exports_shared_buffer_is_rewritten_for_transformers_js(source, shared_source, tmp_path,
+                                                                            precision):
+    """A bundle with the shared KV buffer packages for the web without its checkpoint: its graph is rewritten to
+    the growing cache transformers.js drives, node for node the concat export's, so the package is the one the
+    concat export gives."""
+    import onnx
+
+    assert read_manifest(shared_source)["graph"]["options"]["shared_kv_buffer"]
+    got = package_bundle(shared_source, "web", tmp_path / "from-shared", precision=precision)
+    want = package_bundle(source, "web", tmp_path / "from-concat", precision=precision)
+    rewrite = got["package"]["web"]["kv_rewrite"]
+    assert rewrite["layers"] == got["architecture"]["n_layer"] and rewrite["max_abs_logit_diff"] <= 1e-5
+    assert "kv_rewrite" not in want["package"]["web"]
+    graphs = [onnx.load(str(d / m["package"]["web"]["model_file"]))
+              for d, m in ((tmp_path / "from-shared", got), (tmp_path / "from-concat", want))]
+    assert not any(n.op_type == "GroupQueryAttention" for n in graphs[0].graph.node)
+    a, b = (g.graph for g in graphs)  # the same nodes, IO and weights (in another order)
+    assert sorted(n.SerializeToString() for n in a.node) == sorted(n.SerializeToString() for n in b.node)
+    assert sorted(t.SerializeToString() for t in a.initializer) == sorted(t.SerializeToString() for t in b.initializer)
+    assert (a.input, a.output) == (b.input, b.output)
+    assert got["io"] == want["io"] and not got["graph"]["options"]["shared_kv_buffer"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["from-concat", "from-shared"]  # no scratch left
+
+
+def test_web_refusals_and_cli(source, shared_source, tmp_path):
+    from edgegpt.quantize.bundle import quantize_bundle
+
+    quantize_bundle(shared_source, tmp_path / "int8", "int8", eval_tokens=512, force=True)
+    with pytest.raises(PackageError, match="is int8 with the shared KV buffer.*package the fp32 bundle"):
+        package_bundle(tmp_path / "int8", "web", tmp_path / "x", precision="int8")
     with pytest.raises(PackageError, match="cannot run int8-static"):
         package_bundle(source, "web", tmp_path / "x", precision="int8-static")
     assert not (tmp_path / "x").exists()
